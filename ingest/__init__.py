@@ -1,0 +1,1 @@
+"""Turning user text into clean, deduplicated documents and training examples."""

@@ -1,0 +1,283 @@
+"""The seed-replay checkpoint log.
+
+A checkpoint is (base model fingerprint, trainable-parameter spec, estimator
+config, ordered step rows). Its steps continue its parent's, so replaying the
+chain root -> leaf onto the base rebuilds the trained tensors. A step row is a
+few bytes: the perturbation seeds (int64), the projected gradients (float32) and
+the learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from sqlite_utils import Database
+
+from .db import utcnow
+from .errors import CheckpointConflict, CheckpointNotFound
+
+
+class Status(str, Enum):
+    CANDIDATE = "candidate"  # being trained or awaiting the evaluation gate
+    CURRENT = "current"  # the one generate/eval/export and the next session use
+    REJECTED = "rejected"  # did not improve validation loss
+    SUPERSEDED = "superseded"  # was current, then a better one was promoted
+    FORGOTTEN = "forgotten"  # held steps of forgotten documents; its steps were deleted
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: int
+    parent_id: int | None
+    created_at: str
+    updated_at: str | None
+    status: Status
+    method: str
+    base_fingerprint: str
+    spec: dict[str, Any]
+    estimator: dict[str, Any]
+    torch_version: str | None
+    n_steps: int
+    val_loss: float | None
+    parent_val_loss: float | None
+    note: str | None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One logged step: enough to replay it exactly."""
+
+    step: int
+    seeds: tuple[int, ...]
+    grads: tuple[float, ...]  # as stored: float32-rounded
+    lr: float
+    loss: float | None = None
+    document_ids: tuple[int, ...] = field(default=(), compare=False)
+
+
+def pack_seeds(seeds: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(seeds)}q", *seeds)
+
+
+def pack_grads(grads: Sequence[float]) -> bytes:
+    return struct.pack(f"<{len(grads)}f", *grads)
+
+
+def unpack_seeds(blob: bytes) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(blob) // 8}q", blob)
+
+
+def unpack_grads(blob: bytes) -> tuple[float, ...]:
+    return struct.unpack(f"<{len(blob) // 4}f", blob)
+
+
+def f32(x: float) -> float:
+    """Round a float to float32 and back: what the log stores and replay sees."""
+    return float(struct.unpack("<f", struct.pack("<f", x))[0])
+
+
+_COLUMNS = (
+    "id, parent_id, created_at, updated_at, status, method, base_fingerprint, spec, estimator, "
+    "torch_version, n_steps, val_loss, parent_val_loss, note"
+)
+
+
+class CheckpointLog:
+    """Checkpoints and their steps. Each append commits, so a killed trainer loses at most one step."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create(
+        self,
+        *,
+        parent_id: int | None,
+        method: str,
+        base_fingerprint: str,
+        spec: dict[str, Any],
+        estimator: dict[str, Any],
+        torch_version: str | None = None,
+        status: Status = Status.CANDIDATE,
+        note: str | None = None,
+    ) -> int:
+        """A new checkpoint (a candidate unless told otherwise); return its id."""
+        if parent_id is not None:
+            self.get(parent_id)
+        with self.db.atomic():
+            pk = self.db["checkpoints"].insert(
+                {
+                    "parent_id": parent_id,
+                    "created_at": utcnow(),
+                    "status": status.value,
+                    "method": method,
+                    "base_fingerprint": base_fingerprint,
+                    "spec": json.dumps(spec, sort_keys=True),
+                    "estimator": json.dumps(estimator, sort_keys=True),
+                    "torch_version": torch_version,
+                    "n_steps": 0,
+                    "note": note,
+                }
+            ).last_pk
+        return int(pk)
+
+    def append_step(self, checkpoint_id: int, rec: StepRecord, sha256: str | None = None) -> None:
+        """Append one step (and optionally the hash of the tensors after it) in one transaction."""
+        if len(rec.seeds) != len(rec.grads) or not rec.seeds:
+            raise CheckpointConflict(f"step {rec.step}: {len(rec.seeds)} seeds but {len(rec.grads)} gradients")
+        with self.db.atomic():
+            n = self.db.execute("select n_steps from checkpoints where id = ?", [checkpoint_id]).fetchone()
+            if n is None:
+                raise CheckpointNotFound(f"checkpoint {checkpoint_id}: no such checkpoint")
+            if rec.step != n[0]:
+                raise CheckpointConflict(
+                    f"checkpoint {checkpoint_id}: step {rec.step} appended after {n[0]} steps"
+                )
+            self.db["steps"].insert(
+                {
+                    "checkpoint_id": checkpoint_id,
+                    "step": rec.step,
+                    "seeds": pack_seeds(rec.seeds),
+                    "grads": pack_grads(rec.grads),
+                    "lr": rec.lr,
+                    "loss": rec.loss,
+                    "created_at": utcnow(),
+                }
+            )
+            if rec.document_ids:
+                self.db["step_documents"].insert_all(
+                    {"checkpoint_id": checkpoint_id, "step": rec.step, "document_id": d}
+                    for d in sorted(set(rec.document_ids))
+                )
+            if sha256 is not None:
+                self._put_hash(checkpoint_id, rec.step + 1, sha256)
+            self.db.execute(
+                "update checkpoints set n_steps = ?, updated_at = ? where id = ?",
+                [rec.step + 1, utcnow(), checkpoint_id],
+            )
+
+    def add_hash(self, checkpoint_id: int, n_steps: int, sha256: str) -> None:
+        """Record the hash of the trainable tensors after the first `n_steps` steps of this checkpoint."""
+        with self.db.atomic():
+            self._put_hash(checkpoint_id, n_steps, sha256)
+
+    def _put_hash(self, checkpoint_id: int, n_steps: int, sha256: str) -> None:
+        self.db["checkpoint_hashes"].upsert(
+            {"checkpoint_id": checkpoint_id, "step": n_steps, "sha256": sha256},
+            pk=("checkpoint_id", "step"),
+        )
+
+    def hashes(self, checkpoint_id: int) -> dict[int, str]:
+        """n_steps -> sha256 of the trainable tensors after that many steps of this checkpoint."""
+        return dict(
+            self.db.execute(
+                "select step, sha256 from checkpoint_hashes where checkpoint_id = ? order by step",
+                [checkpoint_id],
+            ).fetchall()
+        )
+
+    def steps(self, checkpoint_id: int, with_documents: bool = False) -> Iterator[StepRecord]:
+        docs: dict[int, list[int]] = {}
+        if with_documents:
+            for step, doc in self.db.execute(
+                "select step, document_id from step_documents where checkpoint_id = ?", [checkpoint_id]
+            ):
+                docs.setdefault(step, []).append(doc)
+        cur = self.db.execute(
+            "select step, seeds, grads, lr, loss from steps where checkpoint_id = ? order by step",
+            [checkpoint_id],
+        )
+        for step, seeds, grads, lr, loss in cur:
+            yield StepRecord(
+                step, unpack_seeds(seeds), unpack_grads(grads), lr, loss, tuple(docs.get(step, ()))
+            )
+
+    def get(self, checkpoint_id: int) -> Checkpoint:
+        row = self.db.execute(f"select {_COLUMNS} from checkpoints where id = ?", [checkpoint_id]).fetchone()
+        if row is None:
+            raise CheckpointNotFound(f"checkpoint {checkpoint_id}: no such checkpoint")
+        return _checkpoint(row)
+
+    def list(self) -> list[Checkpoint]:
+        return [_checkpoint(r) for r in self.db.execute(f"select {_COLUMNS} from checkpoints order by id")]
+
+    def current(self) -> Checkpoint | None:
+        row = self.db.execute(
+            f"select {_COLUMNS} from checkpoints where status = 'current' order by id desc limit 1"
+        ).fetchone()
+        return _checkpoint(row) if row else None
+
+    def chain(self, checkpoint_id: int) -> list[Checkpoint]:
+        """The checkpoint and its ancestors, root first: the order to replay them in."""
+        out: list[Checkpoint] = []
+        seen: set[int] = set()
+        cid: int | None = checkpoint_id
+        while cid is not None:
+            if cid in seen:
+                raise CheckpointConflict(f"checkpoint {checkpoint_id}: parent chain has a cycle at {cid}")
+            seen.add(cid)
+            ck = self.get(cid)
+            out.append(ck)
+            cid = ck.parent_id
+        return out[::-1]
+
+    def set_status(
+        self,
+        checkpoint_id: int,
+        status: Status,
+        *,
+        val_loss: float | None = None,
+        parent_val_loss: float | None = None,
+        note: str | None = None,
+    ) -> None:
+        """Set a checkpoint's status; promoting to CURRENT supersedes the previous current one atomically."""
+        self.get(checkpoint_id)
+        with self.db.atomic():
+            if status is Status.CURRENT:
+                self.db.execute(
+                    "update checkpoints set status = 'superseded', updated_at = ? "
+                    "where status = 'current' and id != ?",
+                    [utcnow(), checkpoint_id],
+                )
+            sets = {"status": status.value, "updated_at": utcnow()}
+            if val_loss is not None:
+                sets["val_loss"] = val_loss
+            if parent_val_loss is not None:
+                sets["parent_val_loss"] = parent_val_loss
+            if note is not None:
+                sets["note"] = note
+            self.db["checkpoints"].update(checkpoint_id, sets)
+
+    def checkpoints_with_documents(self, document_ids: Sequence[int]) -> dict[int, set[int]]:
+        """checkpoint id -> the steps of it whose batches held any of these documents."""
+        out: dict[int, set[int]] = {}
+        ids = list(document_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for cid, step in self.db.execute(
+                f"select distinct checkpoint_id, step from step_documents where document_id in ({marks})", chunk
+            ):
+                out.setdefault(cid, set()).add(step)
+        return out
+
+    def delete_steps(self, checkpoint_id: int) -> None:
+        """Drop all steps and hashes of a checkpoint (used when forgetting); the row stays, marked FORGOTTEN."""
+        with self.db.atomic():
+            for table in ("steps", "step_documents", "checkpoint_hashes"):
+                self.db.execute(f"delete from {table} where checkpoint_id = ?", [checkpoint_id])
+            self.db["checkpoints"].update(
+                checkpoint_id, {"status": Status.FORGOTTEN.value, "n_steps": 0, "updated_at": utcnow()}
+            )
+
+
+def _checkpoint(r: tuple[Any, ...]) -> Checkpoint:
+    return Checkpoint(
+        id=r[0], parent_id=r[1], created_at=r[2], updated_at=r[3], status=Status(r[4]), method=r[5],
+        base_fingerprint=r[6], spec=json.loads(r[7]), estimator=json.loads(r[8]), torch_version=r[9],
+        n_steps=r[10] or 0, val_loss=r[11], parent_val_loss=r[12], note=r[13],
+    )
