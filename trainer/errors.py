@@ -1,0 +1,31 @@
+"""Named exceptions of the trainer. No torch import here: the CLI catches these."""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """Base class for every error the trainer raises."""
+
+
+class ModelNotFound(TrainerError):
+    """The configured base model does not exist or cannot be loaded."""
+
+
+class BaseMismatch(TrainerError):
+    """A checkpoint was made on a different base model than the one loaded."""
+
+
+class OverBudget(TrainerError):
+    """The session would need, or already uses, more memory than policy.memory_budget_mb."""
+
+
+class ReplayMismatch(TrainerError):
+    """Replaying a checkpoint's log did not reproduce its stored hashes."""
+
+
+class NoTrainingData(TrainerError):
+    """The store holds no examples of the split a command needs."""
+
+
+class CheckpointFileError(TrainerError):
+    """A checkpoint export file is truncated, corrupt or of an unknown version."""
