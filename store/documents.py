@@ -274,6 +274,10 @@ class Documents:
                 out[r[0]] = r[1]
         return out
 
+    def trained_counts(self, split: Split = "train") -> dict[int, int]:
+        """example id -> how many training steps used it."""
+        return dict(self.db.execute("select id, trained_count from examples where split = ?", [split]).fetchall())
+
     def count_untrained(self) -> int:
         return int(
             self.db.execute("select count(*) from examples where split = 'train' and trained_count = 0").fetchone()[0]

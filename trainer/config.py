@@ -57,6 +57,11 @@ class TrainerConfig(BaseModel):
     n_perturbations: int = Field(1, ge=1, le=64, description="Perturbations per step (each its own seed).")
     batch_size: int = Field(8, ge=1, le=1024, description="Examples per step.")
     seq_len: int = Field(128, ge=8, le=8192, description="Tokens per example (longer ones are cut).")
+    micro_batch_size: int = Field(
+        8, ge=1, description="Examples per forward pass; a larger batch runs as several (bounds memory)."
+    )
+    seed: int | None = Field(None, ge=0, description="Session RNG seed (batches, perturbation seeds); unset: random.")
+    max_nonfinite: int = Field(5, ge=1, description="Stop the session after this many non-finite losses in a row.")
     loss_chunk_tokens: int = Field(
         256, ge=16, description="Tokens per chunk of the LM head + cross-entropy (bounds logits memory)."
     )

@@ -79,3 +79,12 @@ def write_private_json(path: Path, data: object) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f)
     os.replace(tmp, path)
+
+
+def write_private_bytes(path: Path, data: bytes) -> None:
+    """Write bytes atomically (tmp + rename), mode 0600."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -1,0 +1,218 @@
+"""`pocketd train | eval | checkpoint ...`: the trainer from the command line (torch imported lazily)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli import AppContext, pass_app
+
+
+def _job(app: AppContext, minutes: float | None, steps: int | None, evaluate: bool) -> Any:
+    from trainer.job import TrainingJob
+
+    cfg = app.loaded.config
+    return TrainingJob(
+        database=cfg.paths.database, cache_dir=cfg.paths.cache_dir, trainer=cfg.trainer,
+        memory_budget_mb=cfg.policy.memory_budget_mb, max_minutes=minutes, max_steps=steps, evaluate=evaluate,
+    )
+
+
+def _fmt_status(s: Any) -> str:
+    parts = [f"step {s.step}", f"loss {s.loss:.4f}" if s.loss is not None else "loss -"]
+    if s.s_per_step:
+        parts.append(f"{s.s_per_step:.2f} s/step")
+    if s.rss_mb:
+        parts.append(f"RSS {s.rss_mb:.0f} MiB")
+    if s.eta_s is not None:
+        parts.append(f"ETA {s.eta_s / 60:.1f} min")
+    return ", ".join(parts)
+
+
+@click.command()
+@click.option("--minutes", type=float, default=None, help="Time budget (default: policy.max_session_minutes).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
+@click.option("--no-eval", is_flag=True, help="Skip the evaluation gate (the candidate stays a candidate).")
+@pass_app
+def train(app: AppContext, minutes: float | None, steps: int | None, no_eval: bool) -> None:
+    """Run one training session in the foreground (Ctrl-C finishes the step and stops)."""
+    from store import make_private_dir
+    from trainer.session import run_session
+
+    if minutes is None and steps is None:
+        minutes = app.loaded.config.policy.max_session_minutes
+    job = _job(app, minutes, steps, not no_eval)
+    make_private_dir(job.database.parent)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    last_phase = [""]
+
+    def on_status(s: Any) -> None:
+        if s.phase != last_phase[0]:
+            last_phase[0] = s.phase
+            click.echo(f"[{s.phase}]" + (f" checkpoint {s.checkpoint_id}" if s.checkpoint_id else ""), err=True)
+        if s.phase == "training" and s.step:
+            click.echo(_fmt_status(s), err=True)
+
+    try:
+        out = run_session(job, stop, on_status)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    click.echo(f"session: {out.end_reason.value}; {out.steps} steps"
+               + (f", {out.skipped_nonfinite} skipped (non-finite)" if out.skipped_nonfinite else ""))
+    if out.loss_first is not None:
+        click.echo(f"train loss: {out.loss_first:.4f} -> {out.loss_last:.4f}")
+    if out.promoted is not None:
+        verdict = "promoted to current" if out.promoted else "rejected (validation loss did not improve)"
+        vl = f"{out.val_loss:.4f}" if out.val_loss is not None else "-"
+        pl = f"{out.parent_val_loss:.4f}" if out.parent_val_loss is not None else "-"
+        click.echo(f"checkpoint {out.checkpoint_id}: {verdict}; validation loss {pl} -> {vl}")
+    elif out.checkpoint_id is not None:
+        click.echo(f"checkpoint {out.checkpoint_id}: candidate, not evaluated (the next session resumes it)")
+    if out.exit_code != 0:
+        raise SystemExit(int(out.exit_code))
+
+
+@click.command(name="eval")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_app
+def eval_cmd(app: AppContext, as_json: bool) -> None:
+    """Validation loss and perplexity of the base model and of the current checkpoint."""
+    from trainer.data import items_for, pad_id_of
+    from trainer.errors import NoTrainingData
+    from trainer.evaluate import eval_items, evaluate
+    from trainer.model import load_base
+    from trainer.replay import Spec, check_base, prepare_model, replay
+
+    cfg = app.loaded.config
+    tc = cfg.trainer
+    with app.open_store() as store:
+        base = load_base(tc.model, cfg.paths.cache_dir, tc.dtype)
+        items = eval_items(items_for(store, base.tokenizer, "validation", tc.seq_len), tc.eval_examples)
+        if not items:
+            raise NoTrainingData("no validation examples in the store: ingest more text first")
+        kw = dict(pad_id=pad_id_of(base.tokenizer), batch_size=tc.batch_size,
+                  micro_batch=tc.micro_batch_size, chunk_tokens=tc.loss_chunk_tokens)
+        rows = {"base": evaluate(base.model, items, **kw)}
+        ck = store.log.current()
+        if ck is not None:
+            check_base(ck, base.fingerprint)
+            params = prepare_model(base.model, Spec.from_dict(ck.spec))
+            replay(store, params, ck.id, base.fingerprint)
+            rows[f"checkpoint {ck.id}"] = evaluate(base.model, items, **kw)
+    if as_json:
+        click.echo(json.dumps({k: {"loss": v.loss, "perplexity": v.perplexity, "tokens": v.tokens}
+                               for k, v in rows.items()}))
+        return
+    click.echo(f"validation: {items.__len__()} windows, {next(iter(rows.values())).tokens} tokens")
+    for name, r in rows.items():
+        click.echo(f"{name:>16}: loss {r.loss:.4f}  perplexity {r.perplexity:.2f}")
+    if ck is None:
+        click.echo("(no current checkpoint yet)")
+
+
+@click.group()
+def checkpoint() -> None:
+    """List, inspect, verify, export and import seed-replay checkpoints."""
+
+
+@checkpoint.command(name="list")
+@pass_app
+def ck_list(app: AppContext) -> None:
+    """All checkpoints, newest last."""
+    with app.open_store() as store:
+        cks = store.log.list()
+    if not cks:
+        click.echo("no checkpoints yet")
+    for c in cks:
+        vl = f"{c.val_loss:.4f}" if c.val_loss is not None else "-"
+        click.echo(f"{c.id:>4}  {c.status.value:<10} parent {str(c.parent_id or '-'):>4}  steps {c.n_steps:>6}  "
+                   f"val {vl:>8}  {c.created_at}  {c.note or ''}")
+
+
+@checkpoint.command(name="show")
+@click.argument("checkpoint_id", type=int)
+@pass_app
+def ck_show(app: AppContext, checkpoint_id: int) -> None:
+    """One checkpoint's metadata."""
+    with app.open_store() as store:
+        c = store.log.get(checkpoint_id)
+        chain = store.log.chain(checkpoint_id)
+        hashes = store.log.hashes(checkpoint_id)
+    d = {k: (v.value if hasattr(v, "value") else v) for k, v in c.__dict__.items()}
+    d["chain"] = [x.id for x in chain]
+    d["chain_steps"] = sum(x.n_steps for x in chain)
+    d["hashes_at"] = sorted(hashes)
+    click.echo(json.dumps(d, indent=2))
+
+
+@checkpoint.command(name="verify")
+@click.argument("checkpoint_id", type=int)
+@pass_app
+def ck_verify(app: AppContext, checkpoint_id: int) -> None:
+    """Replay a checkpoint's chain and compare every stored hash."""
+    from trainer.replay import load_checkpoint
+
+    cfg = app.loaded.config
+    with app.open_store() as store:
+        total = sum(c.n_steps for c in store.log.chain(checkpoint_id))
+        with click.progressbar(length=max(total, 1), label="replaying", file=click.get_text_stream("stderr")) as bar:
+            _, _, ck = load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id, verify=True,
+                                       progress=lambda done, _t: bar.update(1))
+    click.echo(f"checkpoint {checkpoint_id}: ok ({total} steps replayed, every stored hash matches)")
+
+
+@checkpoint.command(name="export")
+@click.argument("checkpoint_id", type=int)
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite FILE.")
+@pass_app
+def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool) -> None:
+    """Write a checkpoint's whole chain as a compact standalone file."""
+    from trainer.checkpoints import to_file
+    from trainer.ckptfile import pack
+    from trainer.job import write_private_bytes
+
+    if file.exists() and not force:
+        raise click.ClickException(f"{file} exists; use --force to overwrite it")
+    with app.open_store() as store:
+        data = pack(to_file(store, checkpoint_id))
+    write_private_bytes(file, data)
+    click.echo(f"wrote {file}: {len(data)} bytes")
+
+
+@checkpoint.command(name="import")
+@click.argument("file", type=click.Path(path_type=Path))
+@pass_app
+def ck_import(app: AppContext, file: Path) -> None:
+    """Import a checkpoint file, verify it by replay, and make it current."""
+    from store import Status
+    from trainer.checkpoints import from_file
+    from trainer.ckptfile import unpack
+    from trainer.errors import CheckpointFileError
+    from trainer.replay import load_checkpoint
+
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise CheckpointFileError(f"{file}: cannot read: {e.strerror or e}") from e
+    ck = unpack(data, str(file))
+    cfg = app.loaded.config
+    with app.open_store() as store:
+        cid = from_file(store, ck, note=f"imported from {file.name}")
+        try:
+            load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, cid, verify=True)
+        except Exception:
+            store.log.set_status(cid, Status.REJECTED, note=f"imported from {file.name}: failed verification")
+            raise
+        store.log.set_status(cid, Status.CURRENT)
+    click.echo(f"imported {file} as checkpoint {cid} ({ck.n_steps} steps, verified, now current)")
+
+
+COMMANDS = [train, eval_cmd, checkpoint]

@@ -1,0 +1,71 @@
+"""`python -m trainer --job JOB.json`: one training session in its own process (see trainer/job.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pydantic import ValidationError  # noqa: E402
+
+from .errors import ModelNotFound, OverBudget, TrainerError  # noqa: E402
+from .job import ExitCode, SessionStatus, TrainingJob, write_private_json  # noqa: E402
+
+log = logging.getLogger("trainer")
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT set `stop`: the session finishes its step, commits and returns."""
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("received %s: finishing the current step", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser.add_argument("--job", type=Path, required=True, help="TrainingJob JSON written by the daemon")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        job = TrainingJob.read(args.job)
+    except (OSError, ValidationError, ValueError) as e:
+        log.error("%s: invalid job file: %s", args.job, e)
+        return ExitCode.BAD_JOB
+    stop = threading.Event()
+    install_stop_handlers(stop)
+
+    def on_status(status: SessionStatus) -> None:
+        if job.status_file is not None:
+            write_private_json(job.status_file, status.model_dump(mode="json"))
+
+    from .session import run_session
+
+    try:
+        outcome = run_session(job, stop, on_status)
+    except OverBudget as e:
+        log.error("%s", e)
+        on_status(SessionStatus(phase="done", end_reason=str(e)))
+        return ExitCode.REFUSED_BUDGET
+    except ModelNotFound as e:
+        log.error("%s", e)
+        return ExitCode.BAD_JOB
+    except TrainerError as e:
+        log.error("%s", e)
+        return ExitCode.CRASH
+    log.info("session ended: %s after %d steps", outcome.end_reason.value, outcome.steps)
+    return outcome.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Memory: the process's RSS and an estimate of what a session needs, checked before loading."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import psutil
+
+from .config import DType, Trainable, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+RUNTIME_OVERHEAD_MB = 420.0  # python + torch + transformers + tokenizer, measured on x86_64 CPU
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _count_gguf_params(path: Path) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return sum(int(t.n_elements) for t in reader.tensors)
+
+
+def _dir_params(path: Path) -> tuple[int, dict]:
+    cfg = json.loads((path / "config.json").read_text())
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total, cfg
+
+
+def estimate_need_mb(cfg: TrainerConfig, model_path: Path) -> float:
+    """Peak RSS a session should reach: weights + trainable copy + one micro-batch's activations + runtime."""
+    bytes_per = 2 if cfg.dtype is DType.BFLOAT16 else 4
+    if model_path.suffix == ".gguf":
+        n_params, mcfg = _count_gguf_params(model_path), {}
+    else:
+        n_params, mcfg = _dir_params(model_path)
+    weights = n_params * bytes_per
+    hidden = int(mcfg.get("hidden_size", 576))
+    inter = int(mcfg.get("intermediate_size", 4 * hidden))
+    vocab = int(mcfg.get("vocab_size", 49152))
+    heads = int(mcfg.get("num_attention_heads", 9))
+    micro = min(cfg.batch_size, cfg.micro_batch_size)
+    tokens = micro * cfg.seq_len
+    activations = tokens * (hidden * 6 + inter * 3) * 4 + micro * heads * cfg.seq_len**2 * 4
+    logits = cfg.loss_chunk_tokens * vocab * 4 * 3
+    snapshot = 0 if cfg.trainable is Trainable.FULL else n_params * 0.02 * 4  # LoRA copy: a few % at most
+    need = RUNTIME_OVERHEAD_MB + (weights + activations + logits + snapshot) / 2**20
+    return float(need)

@@ -1,0 +1,160 @@
+"""Rebuilding trained weights from the log: spec + estimator of a checkpoint, replay, verification."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from store import Checkpoint, Store
+
+from .config import Trainable, TrainerConfig
+from .errors import BaseMismatch, ReplayMismatch
+from .lora import LoraSpec, attach_lora
+from .params import TrainableSet, trainable_set
+from .zo import Restore, replay_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The trainable-parameter spec recorded in every checkpoint."""
+
+    trainable: Trainable
+    lora: LoraSpec | None
+
+    @classmethod
+    def from_config(cls, cfg: TrainerConfig) -> "Spec":
+        lora = LoraSpec.from_config(cfg) if cfg.trainable is Trainable.LORA else None
+        return cls(cfg.trainable, lora)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Spec":
+        lora = LoraSpec(**d["lora"]) if d.get("lora") else None
+        return cls(Trainable(d["trainable"]), lora)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trainable": self.trainable.value, "lora": self.lora.to_dict() if self.lora else None}
+
+
+def estimator_dict(cfg: TrainerConfig) -> dict[str, Any]:
+    """The estimator config recorded in a checkpoint (what replay and the reader need to know)."""
+    restore = Restore.SNAPSHOT if cfg.trainable is Trainable.LORA else Restore.DANCE
+    return {
+        "eps": cfg.eps,
+        "n": cfg.n_perturbations,
+        "lr": cfg.lr,
+        "lr_schedule": cfg.lr_schedule.value,
+        "restore": restore.value,
+        "dtype": cfg.dtype.value,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+    }
+
+
+def prepare_model(model: nn.Module, spec: Spec) -> TrainableSet:
+    """Attach the spec's adapters (if any) and return the trainable tensors in replay order."""
+    if spec.lora is not None:
+        attach_lora(model, spec.lora)
+    return trainable_set(model, spec.trainable)
+
+
+def check_base(ck: Checkpoint, fingerprint: str) -> None:
+    if ck.base_fingerprint != fingerprint:
+        raise BaseMismatch(
+            f"checkpoint {ck.id} was trained on base {ck.base_fingerprint[:12]}, "
+            f"but the loaded base is {fingerprint[:12]}; set trainer.model back or start a new checkpoint"
+        )
+
+
+def replay(
+    store: Store,
+    params: TrainableSet,
+    checkpoint_id: int,
+    fingerprint: str,
+    *,
+    verify: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Replay the chain root -> checkpoint onto params (fresh from the base); return steps replayed.
+
+    With `verify`, every stored hash is compared and ReplayMismatch names the first
+    checkpoint and step that differs; without, only the last hash of the chain is.
+    """
+    chain = store.log.chain(checkpoint_id)
+    total = sum(ck.n_steps for ck in chain)
+    done = 0
+    for ck in chain:
+        check_base(ck, fingerprint)
+        restore = Restore(ck.estimator.get("restore", Restore.SNAPSHOT.value))
+        eps = float(ck.estimator["eps"])
+        hashes = store.log.hashes(ck.id)
+        check_at = set(hashes) if verify else ({max(hashes)} if hashes and ck.id == checkpoint_id else set())
+        if 0 in check_at:
+            _compare(params, hashes[0], ck.id, 0)
+        for rec in store.log.steps(ck.id):
+            replay_step(params, rec.seeds, rec.grads, rec.lr, eps, restore)
+            done += 1
+            if rec.step + 1 in check_at:
+                _compare(params, hashes[rec.step + 1], ck.id, rec.step + 1)
+            if progress is not None:
+                progress(done, total)
+    return done
+
+
+def _compare(params: TrainableSet, expected: str, checkpoint_id: int, n_steps: int) -> None:
+    got = params.sha256()
+    if got != expected:
+        raise ReplayMismatch(
+            f"checkpoint {checkpoint_id}: replay differs from the log after {n_steps} steps "
+            f"(hash {got[:12]} != {expected[:12]}); the log is corrupt or was made by another build"
+        )
+
+
+def load_checkpoint(store: Store, cfg: TrainerConfig, cache_dir: Any, checkpoint_id: int | None = None,
+                    *, verify: bool = False, progress: Callable[[int, int], None] | None = None) -> tuple[Any, TrainableSet | None, Checkpoint | None]:
+    """Load the base and rebuild a checkpoint on it (default: the current one).
+
+    Returns (base, trainable set or None, checkpoint or None); with no checkpoint
+    the base is returned unchanged.
+    """
+    from .model import load_base
+
+    base = load_base(cfg.model, cache_dir, cfg.dtype)
+    ck = store.log.get(checkpoint_id) if checkpoint_id is not None else store.log.current()
+    if ck is None:
+        return base, None, None
+    check_base(ck, base.fingerprint)
+    params = prepare_model(base.model, Spec.from_dict(ck.spec))
+    replay(store, params, ck.id, base.fingerprint, verify=verify, progress=progress)
+    return base, params, ck
+
+
+def load_current(store: Store, cfg: TrainerConfig, cache_dir: Any) -> tuple[Any, Any, Checkpoint | None]:
+    """(base, model with the current checkpoint applied or None, checkpoint or None): for generate/export."""
+    base, params, ck = load_checkpoint(store, cfg, cache_dir)
+    return base, (base.model if ck is not None else None), ck
+
+
+def record_hashes(store: Store, cfg: TrainerConfig, cache_dir: Any, checkpoint_id: int) -> str:
+    """Replay a chain (e.g. rebuilt by forget) and store the hash after each of its checkpoints."""
+    from .model import load_base
+
+    base = load_base(cfg.model, cache_dir, cfg.dtype)
+    chain = store.log.chain(checkpoint_id)
+    params = prepare_model(base.model, Spec.from_dict(chain[-1].spec))
+    sha = params.sha256()
+    for ck in chain:
+        check_base(ck, base.fingerprint)
+        restore = Restore(ck.estimator.get("restore", Restore.SNAPSHOT.value))
+        if 0 not in store.log.hashes(ck.id):
+            store.log.add_hash(ck.id, 0, sha)
+        for rec in store.log.steps(ck.id):
+            replay_step(params, rec.seeds, rec.grads, rec.lr, float(ck.estimator["eps"]), restore)
+        sha = params.sha256()
+        store.log.add_hash(ck.id, ck.n_steps, sha)
+    return sha

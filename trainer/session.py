@@ -1,0 +1,267 @@
+"""One training session: load base + current checkpoint, run ZO steps, log each, gate at the end.
+
+The loop commits every step (a killed process loses at most the step in flight),
+stops after the current step when `stop` is set (SIGTERM/SIGINT), and stops
+cleanly when RSS passes the memory budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from store import Checkpoint, Status, StepRecord, Store
+
+from .budget import estimate_need_mb, rss_mb
+from .config import LrSchedule, TrainerConfig
+from .data import BatchSampler, collate, items_for, pad_id_of
+from .errors import NoTrainingData, OverBudget
+from .evaluate import EvalResult, eval_items, evaluate
+from .job import ExitCode, SessionStatus, TrainingJob
+from .loss import mean_loss
+from .replay import Spec, estimator_dict, prepare_model, replay
+from .zo import Restore, apply_update, estimate, f32
+
+log = logging.getLogger(__name__)
+
+
+class EndReason(str, Enum):
+    STEPS = "step budget reached"
+    TIME = "time budget reached"
+    STOPPED = "stop requested"
+    OVER_BUDGET = "memory budget exceeded"
+    DIVERGED = "non-finite losses"
+    NO_DATA = "no training data"
+
+
+EXIT_CODES = {
+    EndReason.STEPS: ExitCode.OK, EndReason.TIME: ExitCode.OK, EndReason.STOPPED: ExitCode.OK,
+    EndReason.NO_DATA: ExitCode.OK, EndReason.OVER_BUDGET: ExitCode.OVER_BUDGET,
+    EndReason.DIVERGED: ExitCode.DIVERGED,
+}
+
+
+@dataclass
+class SessionOutcome:
+    checkpoint_id: int | None
+    steps: int
+    end_reason: EndReason
+    skipped_nonfinite: int = 0
+    loss_first: float | None = None
+    loss_last: float | None = None
+    promoted: bool | None = None
+    val_loss: float | None = None
+    parent_val_loss: float | None = None
+    peak_rss_mb: float = 0.0
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return EXIT_CODES[self.end_reason]
+
+
+def lr_at(cfg: TrainerConfig, step: int) -> float:
+    """The learning rate of a step (float32-rounded, as the log stores it)."""
+    lr = cfg.lr
+    if cfg.lr_schedule is LrSchedule.INVERSE_SQRT:
+        lr = cfg.lr / math.sqrt(1.0 + step / 100.0)
+    return f32(lr)
+
+
+def _resumable(store: Store, current: Checkpoint | None, fingerprint: str, spec: Spec) -> Checkpoint | None:
+    """An unevaluated candidate that continues the current checkpoint (left by a stopped session)."""
+    parent = current.id if current else None
+    for ck in reversed(store.log.list()):
+        if (ck.status is Status.CANDIDATE and ck.parent_id == parent and ck.base_fingerprint == fingerprint
+                and ck.spec == spec.to_dict()):
+            return ck
+    return None
+
+
+def run_session(
+    job: TrainingJob,
+    stop: threading.Event,
+    on_status: Callable[[SessionStatus], None] = lambda s: None,
+) -> SessionOutcome:
+    """Run one session as the job says. Raises OverBudget before loading if the estimate exceeds the budget."""
+    from .model import load_base, resolve_model
+
+    cfg = job.trainer
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    need = estimate_need_mb(cfg, resolve_model(cfg.model))
+    if need > job.memory_budget_mb:
+        raise OverBudget(
+            f"this session needs about {need:.0f} MiB but policy.memory_budget_mb is {job.memory_budget_mb}; "
+            "lower trainer.batch_size / trainer.micro_batch_size / trainer.seq_len or raise the budget"
+        )
+    status = SessionStatus(phase="loading")
+    on_status(status)
+    store = Store.open(job.database)
+    try:
+        return _run(job, store, stop, status, on_status, load_base)
+    finally:
+        store.close()
+
+
+def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # type: ignore[no-untyped-def]
+    cfg: TrainerConfig = job.trainer
+    t_start = time.monotonic()
+    deadline = t_start + job.max_minutes * 60 if job.max_minutes else math.inf
+    base = load_base(cfg.model, job.cache_dir, cfg.dtype)
+    tok, model = base.tokenizer, base.model
+    train_items = items_for(store, tok, "train", cfg.seq_len)
+    if not train_items:
+        log.warning("no training examples in the store: nothing to do")
+        return SessionOutcome(None, 0, EndReason.NO_DATA, peak_rss_mb=rss_mb())
+    val_items = eval_items(items_for(store, tok, "validation", cfg.seq_len), cfg.eval_examples)
+    spec = Spec.from_config(cfg)
+    current = store.log.current()
+    if current is not None and current.spec != spec.to_dict():
+        log.warning("trainer spec changed since checkpoint %d: starting a new chain from the base", current.id)
+        current = None
+    params = prepare_model(model, spec)
+    resumed = _resumable(store, current, base.fingerprint, spec)
+    status.phase = "replaying"
+    on_status(status)
+    start_from = resumed.id if resumed else (current.id if current else None)
+    if start_from is not None:
+        n = replay(store, params, start_from, base.fingerprint)
+        log.info("replayed %d steps of checkpoint %d", n, start_from)
+    pad = pad_id_of(tok)
+    kw = dict(micro_batch=cfg.micro_batch_size, chunk_tokens=cfg.loss_chunk_tokens)
+
+    def eval_now() -> EvalResult | None:
+        if not (job.evaluate and val_items):
+            return None
+        return evaluate(model, val_items, pad_id=pad, batch_size=cfg.batch_size, **kw)
+
+    parent_eval: EvalResult | None = None
+    if resumed is None:
+        parent_eval = eval_now()
+        ck_id = store.log.create(
+            parent_id=current.id if current else None, method=cfg.method.value,
+            base_fingerprint=base.fingerprint, spec=spec.to_dict(), estimator=estimator_dict(cfg),
+            torch_version=torch.__version__,
+        )
+        store.log.add_hash(ck_id, 0, params.sha256())
+        step = 0
+    else:
+        ck_id, step = resumed.id, resumed.n_steps
+        parent_eval = None if resumed.parent_val_loss is None else EvalResult(resumed.parent_val_loss, 0, 0)
+        if parent_eval is None:
+            log.info("resuming candidate %d: its parent's validation loss is re-measured at the end", ck_id)
+    if parent_eval is not None:
+        store.log.set_status(ck_id, Status.CANDIDATE, parent_val_loss=parent_eval.loss)
+    chain_steps = sum(c.n_steps for c in store.log.chain(ck_id))
+    seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
+    rng = random.Random(seed)
+    sampler = BatchSampler(train_items, store.docs.trained_counts(), cfg.batch_size, rng.getrandbits(63))
+    restore = Restore(estimator_dict(cfg)["restore"])
+    outcome = SessionOutcome(ck_id, 0, EndReason.STOPPED)
+    status.phase, status.checkpoint_id, status.total_steps = "training", ck_id, chain_steps
+    on_status(status)
+    nonfinite_run = 0
+    t_loop = time.monotonic()
+    while True:
+        if stop.is_set():
+            outcome.end_reason = EndReason.STOPPED
+            break
+        if job.max_steps is not None and outcome.steps >= job.max_steps:
+            outcome.end_reason = EndReason.STEPS
+            break
+        if time.monotonic() >= deadline:
+            outcome.end_reason = EndReason.TIME
+            break
+        items = sampler.next()
+        batch = collate(items, pad)
+        seeds = [rng.getrandbits(63) for _ in range(cfg.n_perturbations)]
+        res = estimate(params, lambda: mean_loss(model, batch, **kw), seeds, cfg.eps, restore)
+        if not res.finite:
+            outcome.skipped_nonfinite += 1
+            nonfinite_run += 1
+            log.warning("step %d: non-finite loss (%s / %s): skipped, not logged", step, res.loss_plus, res.loss_minus)
+            if restore is Restore.DANCE or nonfinite_run >= cfg.max_nonfinite:
+                # The dance cannot be undone exactly: stop here; the log (not these weights) is the truth.
+                outcome.end_reason = EndReason.DIVERGED
+                break
+            continue
+        nonfinite_run = 0
+        lr = lr_at(cfg, chain_steps)
+        apply_update(params, seeds, res.grads, lr)
+        sha = params.sha256() if (step + 1) % cfg.hash_every == 0 else None
+        rec = StepRecord(step, tuple(seeds), res.grads, lr, res.loss, tuple(sorted({it.document_id for it in items})))
+        with store.db.atomic():
+            store.log.append_step(ck_id, rec, sha)
+            store.docs.mark_trained([it.example_id for it in items])
+        step += 1
+        chain_steps += 1
+        outcome.steps += 1
+        outcome.loss_first = res.loss if outcome.loss_first is None else outcome.loss_first
+        outcome.loss_last = res.loss
+        rss = rss_mb()
+        outcome.peak_rss_mb = max(outcome.peak_rss_mb, rss)
+        s_per_step = (time.monotonic() - t_loop) / outcome.steps
+        status.step, status.total_steps, status.loss, status.loss_first = outcome.steps, chain_steps, res.loss, outcome.loss_first
+        status.s_per_step, status.rss_mb, status.peak_rss_mb = s_per_step, rss, outcome.peak_rss_mb
+        status.skipped_nonfinite = outcome.skipped_nonfinite
+        status.eta_s = _eta(job, outcome.steps, s_per_step, deadline)
+        on_status(status)
+        if rss > job.memory_budget_mb:
+            log.warning("RSS %.0f MiB passed the budget %d MiB: stopping", rss, job.memory_budget_mb)
+            outcome.end_reason = EndReason.OVER_BUDGET
+            break
+    if outcome.steps and (step % cfg.hash_every) != 0:
+        store.log.add_hash(ck_id, step, params.sha256())
+    if outcome.end_reason in (EndReason.STOPPED, EndReason.DIVERGED, EndReason.OVER_BUDGET) or step == 0:
+        # Left as a candidate: the next session resumes it, or the gate runs then.
+        status.phase, status.end_reason = "done", outcome.end_reason.value
+        on_status(status)
+        return outcome
+    _gate(store, ck_id, eval_now, parent_eval, current, outcome, status, on_status, job)
+    return outcome
+
+
+def _gate(store, ck_id, eval_now, parent_eval, current, outcome, status, on_status, job) -> None:  # type: ignore[no-untyped-def]
+    """Promote the candidate only if validation loss improved on its parent's."""
+    if not job.evaluate:
+        return
+    status.phase = "evaluating"
+    on_status(status)
+    cand = eval_now()
+    if cand is None:
+        store.log.set_status(ck_id, Status.CURRENT, note="no validation examples: promoted without a gate")
+        outcome.promoted = True
+    else:
+        if parent_eval is None:
+            parent_eval = EvalResult(float("inf"), 0, 0)
+        outcome.val_loss, outcome.parent_val_loss = cand.loss, parent_eval.loss
+        better = math.isfinite(cand.loss) and cand.loss < parent_eval.loss
+        store.log.set_status(
+            ck_id, Status.CURRENT if better else Status.REJECTED, val_loss=cand.loss,
+            parent_val_loss=parent_eval.loss if math.isfinite(parent_eval.loss) else None,
+        )
+        outcome.promoted = better
+    log.info("checkpoint %d %s (val loss %s vs %s)", ck_id, "promoted" if outcome.promoted else "rejected",
+             outcome.val_loss, outcome.parent_val_loss)
+    status.phase, status.promoted, status.end_reason = "done", outcome.promoted, outcome.end_reason.value
+    status.val_loss, status.parent_val_loss = outcome.val_loss, outcome.parent_val_loss
+    on_status(status)
+
+
+def _eta(job: TrainingJob, steps: int, s_per_step: float, deadline: float) -> float | None:
+    left = []
+    if job.max_steps is not None:
+        left.append((job.max_steps - steps) * s_per_step)
+    if math.isfinite(deadline):
+        left.append(max(0.0, deadline - time.monotonic()))
+    return min(left) if left else None
