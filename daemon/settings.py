@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 
 import platformdirs
@@ -56,6 +57,16 @@ class PolicyConfig(BaseModel):
         return f"{start}-{end}"
 
 
+class PowerProbeKind(str, Enum):
+    """Which power probe the daemon uses (`[daemon] power_probe`)."""
+
+    AUTO = "auto"  # termux when termux-battery-status is on PATH, else sysfs if readable, else psutil
+    TERMUX = "termux"  # `termux-battery-status` (Termux:API), run with a timeout
+    SYSFS = "sysfs"  # /sys/class/power_supply
+    PSUTIL = "psutil"  # psutil.sensors_battery()
+    FAKE = "fake"  # a small JSON file (`fake_power_file`), for tests and demos
+
+
 class DaemonConfig(BaseModel):
     """The long-running process."""
 
@@ -69,6 +80,15 @@ class DaemonConfig(BaseModel):
     request_timeout_s: float = Field(10.0, gt=0, description="Per-connection read timeout.")
     stop_grace_s: float = Field(60.0, gt=0, description="SIGTERM-to-SIGKILL grace for the trainer.")
     nice: int = Field(10, ge=0, le=19, description="Niceness of the trainer child process.")
+    power_probe: PowerProbeKind = Field(
+        PowerProbeKind.AUTO, description="Power probe: auto, termux, sysfs, psutil or fake."
+    )
+    fake_power_file: Path | None = Field(
+        None, description='JSON file read by the fake power probe, e.g. {"on_power": true, "percent": 80}.'
+    )
+    power_probe_timeout_s: float = Field(
+        10.0, gt=0, description="Timeout for termux-battery-status (it can hang without the Termux:API app)."
+    )
 
     @field_validator("log_level")
     @classmethod

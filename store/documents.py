@@ -186,7 +186,7 @@ class Documents:
     def mark_trained(self, example_ids: Sequence[int]) -> None:
         """Count one more training use of each example."""
         with self.db.atomic():
-            self.db.executemany(
+            self.db.conn.executemany(
                 "update examples set trained_count = trained_count + 1 where id = ?",
                 [(i,) for i in example_ids],
             )
