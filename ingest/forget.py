@@ -1,0 +1,54 @@
+"""Forgetting: deleting documents (and their examples) by id, hash prefix or source name.
+
+This removes the text from the store only. Checkpoints trained on it are the
+trainer's part of forgetting; the CLI calls that separately with the ids returned here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from store import Document, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    """The documents that were deleted, as they were just before."""
+
+    documents: list[Document] = field(default_factory=list)
+
+    @property
+    def document_ids(self) -> list[int]:
+        return [d.id for d in self.documents]
+
+
+def resolve(store: Store, documents: Sequence[str | int] = (), sources: Sequence[str] = ()) -> list[Document]:
+    """The documents named by ids / hash prefixes and source names, each once, in id order.
+
+    DocumentNotFound or SourceNotFound (from the store) if any name matches nothing.
+    """
+    found: dict[int, Document] = {}
+    for ref in documents:
+        doc = store.docs.find(ref)
+        found[doc.id] = doc
+    for name in sources:
+        for doc in store.docs.by_source(name):
+            found[doc.id] = doc
+    return [found[i] for i in sorted(found)]
+
+
+def forget(store: Store, *, documents: Sequence[str | int] = (), sources: Sequence[str] = ()) -> ForgetResult:
+    """Delete the named documents and their examples in one transaction; what was deleted.
+
+    Every name is resolved before anything is deleted, so an unknown one deletes nothing.
+    """
+    if not documents and not sources:
+        raise ValueError("forget needs at least one document reference or source name")
+    targets = resolve(store, documents, sources)
+    store.docs.delete_documents([d.id for d in targets])
+    log.info("forgot %d documents", len(targets))
+    return ForgetResult(targets)
