@@ -13,6 +13,7 @@ import click
 
 from ingest import pipeline as ingest_pipeline
 from ingest.forget import forget as forget_documents
+from ingest.forget import resolve as resolve_documents
 from ingest.pipeline import ingest_paths
 from ingest.report import IngestReport, plural
 from store import Stats, Store
@@ -20,9 +21,31 @@ from store import Stats, Store
 from .cli import AppContext, pass_app
 
 
-def _forget_checkpoints(app: AppContext, store: Store, document_ids: Sequence[int]) -> None:
-    """Rebuild checkpoints whose steps used the forgotten documents; the trainer issue fills this in."""
-    return None
+def _forget_checkpoints(app: AppContext, store: Store, document_ids: Sequence[int]) -> int | None:
+    """Drop every logged step whose batch held a forgotten document; rebuild the current checkpoint without them.
+
+    Only the log is rewritten here (no model needed); returns the rebuilt current
+    checkpoint's id, whose hashes `_record_rebuilt_hashes` records once the
+    documents are gone.
+    """
+    from trainer.checkpoints import plan_forget, rebuild_without
+
+    plan = plan_forget(store, list(document_ids))
+    if not plan.affected:
+        return None
+    new_id = rebuild_without(store, plan)
+    click.echo(f"dropped {plural(plan.dropped_steps, 'training step')} that used these documents "
+               f"from {plural(len(plan.affected), 'checkpoint')}")
+    return new_id
+
+
+def _record_rebuilt_hashes(app: AppContext, store: Store, checkpoint_id: int) -> None:
+    """Replay the rebuilt chain once and store its hashes, so `checkpoint verify` covers it."""
+    from trainer.replay import record_hashes
+
+    cfg = app.loaded.config
+    record_hashes(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id)
+    click.echo(f"rebuilt the current checkpoint without them: checkpoint {checkpoint_id}")
 
 
 def sample_dir() -> Path:
@@ -124,8 +147,11 @@ def forget(app: AppContext, documents: tuple[str, ...], sources: tuple[str, ...]
     if not documents and not sources:
         raise click.UsageError("give --document ID or --source NAME")
     with app.open_store() as store:
-        result = forget_documents(store, documents=documents, sources=sources)
-        _forget_checkpoints(app, store, result.document_ids)
+        targets = resolve_documents(store, documents, sources)
+        rebuilt = _forget_checkpoints(app, store, [d.id for d in targets])
+        result = forget_documents(store, documents=[str(d.id) for d in targets])
+        if rebuilt is not None:
+            _record_rebuilt_hashes(app, store, rebuilt)
     for d in result.documents:
         click.echo(f"deleted document {d.id} ({d.content_hash[:12]}, {plural(d.n_examples, 'example')}, "
                    f"source {d.source}, from {d.origin})")

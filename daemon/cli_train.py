@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import signal
 import threading
 from pathlib import Path
@@ -162,7 +163,7 @@ def ck_verify(app: AppContext, checkpoint_id: int) -> None:
     cfg = app.loaded.config
     with app.open_store() as store:
         total = sum(c.n_steps for c in store.log.chain(checkpoint_id))
-        with click.progressbar(length=max(total, 1), label="replaying", file=click.get_text_stream("stderr")) as bar:
+        with click.progressbar(length=max(total, 1), label="replaying", file=sys.stderr) as bar:
             _, _, ck = load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id, verify=True,
                                        progress=lambda done, _t: bar.update(1))
     click.echo(f"checkpoint {checkpoint_id}: ok ({total} steps replayed, every stored hash matches)")

@@ -29,3 +29,19 @@ class NoTrainingData(TrainerError):
 
 class CheckpointFileError(TrainerError):
     """A checkpoint export file is truncated, corrupt or of an unknown version."""
+
+
+class GenerationError(TrainerError):
+    """Text cannot be generated from this prompt."""
+
+
+class PromptTooLong(GenerationError):
+    """A generation prompt plus the requested new tokens exceed the model's context length."""
+
+
+class ExportError(TrainerError):
+    """An export cannot be written."""
+
+
+class OutputNotEmpty(ExportError):
+    """The export's output directory exists and is not empty, and overwriting was not asked for."""

@@ -1,0 +1,55 @@
+"""Helpers for trainer tests: a store with notes and a job on the tiny model."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from store import Store
+from trainer.config import TrainerConfig
+from trainer.job import TrainingJob
+from trainer.session import SessionOutcome, run_session
+
+NOTES = [
+    "Planted tomatoes in the south bed today. The soil was still cold, so I covered them.",
+    "Bike chain skipped again on the climb. Cleaned the cassette and adjusted the derailleur.",
+    "Made sourdough with 75% hydration; the crumb was open but the crust too pale.",
+    "Reading log: finished the book about lighthouses. Loved the chapter on fog signals.",
+    "The apple tree has aphids. Tried soapy water; check again on Friday.",
+    "Bread again: longer bake at 240 C gave a darker crust. Keep the lid on for 20 minutes.",
+    "Rode 40 km along the river. New tyres feel faster; pressure 4.5 bar front, 5 rear.",
+    "Garden: beans are up, lettuce bolted in the heat. Shade cloth next summer.",
+    "Notes on fermentation: kimchi ready after five days on the counter.",
+    "Fixed the squeaky brake by cleaning the rim and toeing in the pads.",
+    "Picked the first strawberries. Birds got half of them; need a net.",
+    "Started a new notebook for recipes that worked, with dates and oven settings.",
+]
+
+
+def fill_store(path: Path, notes: list[str] = NOTES, validation_percent: int = 25) -> None:
+    with Store.open(path) as store:
+        for text in notes:
+            store.docs.add_document(text, [text], source="notes", source_kind="test",
+                                    validation_percent=validation_percent)
+
+
+def make_job(tmp: Path, model_dir: Path, **trainer: Any) -> TrainingJob:
+    cfg = dict(model=str(model_dir), batch_size=4, seq_len=32, lr=1e-3, eps=1e-2, seed=7, hash_every=3,
+               eval_examples=16)
+    cfg.update(trainer)
+    job_kw = {k: cfg.pop(k) for k in ("max_steps", "evaluate", "max_minutes", "memory_budget_mb") if k in cfg}
+    job_kw.setdefault("max_steps", 5)
+    job_kw.setdefault("memory_budget_mb", 8000)
+    return TrainingJob(database=tmp / "data" / "db.sqlite3", cache_dir=tmp / "cache",
+                       trainer=TrainerConfig(**cfg), **job_kw)
+
+
+def run(job: TrainingJob, stop_after: int | None = None) -> SessionOutcome:
+    stop = threading.Event()
+
+    def on_status(s: Any) -> None:
+        if stop_after is not None and s.phase == "training" and s.step >= stop_after:
+            stop.set()
+
+    return run_session(job, stop, on_status)
