@@ -149,8 +149,12 @@ def test_forget_errors_are_one_line(folder: Path) -> None:
     assert json.loads(run("stats", "--json").output)["documents"] == 4
 
 
-def test_forget_checkpoints_stub_does_nothing() -> None:
-    assert daemon.cli_data._forget_checkpoints(None, None, [1, 2]) is None  # type: ignore[arg-type]
+def test_forget_without_checkpoints_touches_no_log(tmp_path) -> None:
+    from store import Store
+
+    with Store.open(tmp_path / "db.sqlite3") as store:
+        assert daemon.cli_data._forget_checkpoints(None, store, [1, 2]) is None  # type: ignore[arg-type]
+        assert store.log.list() == []
 
 
 def test_demo_ingests_the_sample_and_prints_stats() -> None:
