@@ -24,8 +24,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The daemon in the foreground on the embedded default model, with the shipped sample
+# notes as its inbox and a short check interval so a newcomer sees it decide. Ctrl-C stops it.
 run: $(STAMP)
-	$(VENV)/bin/pocketd demo
+	POCKETD_DAEMON__INBOX="$${POCKETD_DAEMON__INBOX:-$(CURDIR)/ingest/sample}" \
+	POCKETD_POLICY__CHECK_INTERVAL_S="$${POCKETD_POLICY__CHECK_INTERVAL_S:-15}" \
+	$(VENV)/bin/pocketd run
 
 clean:
 	rm -rf $(VENV) build *.egg-info
