@@ -105,7 +105,7 @@ def _register() -> None:
     from . import cli_config
 
     cli.add_command(cli_config.config)
-    for module_name in ("cli_data", "cli_train", "cli_daemon"):
+    for module_name in ("cli_data", "cli_train", "cli_daemon", "cli_service", "cli_model"):
         try:
             module = __import__(f"daemon.{module_name}", fromlist=["COMMANDS"])
         except ModuleNotFoundError as e:

@@ -26,3 +26,11 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if name.startswith("POCKETD_"):
             monkeypatch.delenv(name)
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama model directory (trainer.tiny, seed 0), built once; tests must not modify it."""
+    from trainer.tiny import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)

@@ -46,7 +46,11 @@ class TrainerConfig(BaseModel):
     trainable: Trainable = Field(Trainable.LORA, description="Which tensors are trained: lora or full.")
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / rank).")
-    lora_targets: LoraTargets = Field(LoraTargets.ALL, description="Linear layers that get adapters.")
+    lora_targets: LoraTargets = Field(
+        LoraTargets.ATTENTION,
+        description="Linear layers that get adapters: attention (q, k, v, o: fewer perturbed dimensions, "
+        "faster replay), mlp or all.",
+    )
     lora_layers: int | None = Field(
         None, ge=1, description="Adapters only in the top N decoder layers (all layers if unset)."
     )

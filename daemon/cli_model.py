@@ -1,0 +1,106 @@
+"""`pocketd generate | export`: use the trained model (torch imported inside the commands only)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli import AppContext, pass_app
+
+log = logging.getLogger(__name__)
+
+
+def _load(app: AppContext, checkpoint_id: int | None, base_only: bool) -> tuple[Any, Any]:
+    """(base, checkpoint or None) with the checkpoint's weights applied to base.model."""
+    cfg = app.loaded.config
+    if base_only:
+        from trainer.model import load_base
+
+        return load_base(cfg.trainer.model, cfg.paths.cache_dir, cfg.trainer.dtype), None
+    from trainer.replay import load_checkpoint
+
+    with app.open_store() as store:
+        base, _params, ck = load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id)
+    return base, ck
+
+
+def _describe(ck: Any) -> str:
+    return "base model (no checkpoint)" if ck is None else f"checkpoint {ck.id} ({ck.status.value}, {ck.n_steps} steps)"
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Most new tokens to generate.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True,
+              help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Nucleus sampling: smallest set of tokens with this much probability.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (default: random); same seed, same text.")
+@click.option("--base", "base_only", is_flag=True, help="Use the base model without any checkpoint.")
+@click.option("--checkpoint", "checkpoint_id", type=int, default=None,
+              help="Use this checkpoint instead of the current one.")
+@click.option("--no-chat", is_flag=True, help="Do not wrap the prompt in the tokenizer's chat template.")
+@pass_app
+def generate(app: AppContext, prompt: str, max_tokens: int, temperature: float, top_p: float,
+             seed: int | None, base_only: bool, checkpoint_id: int | None, no_chat: bool) -> None:
+    """Generate a reply to PROMPT ("-" reads it from stdin), streamed to stdout."""
+    from trainer.generate import generate as run
+
+    if base_only and checkpoint_id is not None:
+        raise click.UsageError("--base and --checkpoint exclude each other")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if seed is None:
+        seed = secrets.randbits(63)
+    base, ck = _load(app, checkpoint_id, base_only)
+    click.echo(f"[{_describe(ck)}, seed {seed}]", err=True)
+
+    def on_token(piece: str) -> None:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+
+    run(base.model, base.tokenizer, prompt, max_tokens, temperature, seed, on_token, chat=not no_chat, top_p=top_p)
+    click.echo()
+
+
+@click.command(name="export")
+@click.option("--merged", "merged_dir", type=click.Path(path_type=Path), default=None,
+              help="Write a Hugging Face model directory with the adapters merged into the weights.")
+@click.option("--adapter", "adapter_dir", type=click.Path(path_type=Path), default=None,
+              help="Write a PEFT LoRA adapter directory (lora checkpoints only).")
+@click.option("--checkpoint", "checkpoint_id", type=int, default=None,
+              help="Export this checkpoint instead of the current one.")
+@click.option("--force", is_flag=True, help="Replace a previous pocketd export in that directory.")
+@pass_app
+def export(app: AppContext, merged_dir: Path | None, adapter_dir: Path | None, checkpoint_id: int | None,
+           force: bool) -> None:
+    """Export the current (or a given) checkpoint: --merged DIR or --adapter DIR."""
+    from trainer.errors import ExportError
+    from trainer.export import export_adapter, export_merged
+    from trainer.lora import lora_modules
+    from trainer.replay import Spec
+
+    if (merged_dir is None) == (adapter_dir is None):
+        raise click.UsageError("give exactly one of --merged DIR and --adapter DIR")
+    base, ck = _load(app, checkpoint_id, base_only=False)
+    info = {"checkpoint": ck.id if ck else None, "steps": ck.n_steps if ck else 0,
+            "base_fingerprint": base.fingerprint, "base": base.source}
+    if adapter_dir is not None:
+        spec = Spec.from_dict(ck.spec).lora if ck is not None else None
+        if spec is None or not lora_modules(base.model):
+            raise ExportError("--adapter needs a lora checkpoint" + (" (there is none yet)" if ck is None else
+                              f"; checkpoint {ck.id} trains {ck.spec.get('trainable')}: use --merged"))
+        out = export_adapter(base.model, spec, str(base.model_dir), adapter_dir, force=force, info=info)
+        click.echo(f"{_describe(ck)}: LoRA adapter written to {out} (base: {base.model_dir})")
+    elif merged_dir is not None:
+        out = export_merged(base.model, base.tokenizer, merged_dir, force=force, info=info)
+        click.echo(f"{_describe(ck)}: merged model written to {out}")
+
+
+COMMANDS = [generate, export]
