@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 def _load(app: AppContext, checkpoint_id: int | None, base_only: bool) -> tuple[Any, Any]:
     """(base, checkpoint or None) with the checkpoint's weights applied to base.model."""
     cfg = app.loaded.config
+    if cfg.trainer.threads:
+        import torch
+
+        torch.set_num_threads(cfg.trainer.threads)
     if base_only:
         from trainer.model import load_base
 

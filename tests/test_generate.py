@@ -114,10 +114,10 @@ def test_multibyte_characters_are_never_streamed_half() -> None:
 def test_cli_generate_base_streams_to_stdout(tiny_model_dir: Path, tiny: Base) -> None:
     from daemon.cli import cli
 
-    expected = generate(tiny.model, tiny.tokenizer, "hello", 10, 0.8, seed=4)
+    expected = generate(tiny.model, tiny.tokenizer, "hello", 10, 0.8, seed=4, top_p=0.5)
     result = CliRunner().invoke(
         cli, ["--set", f"trainer.model={tiny_model_dir}", "generate", "hello", "--base",
-              "--max-tokens", "10", "--temperature", "0.8", "--seed", "4"],
+              "--max-tokens", "10", "--temperature", "0.8", "--seed", "4", "--top-p", "0.5"],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
@@ -140,7 +140,7 @@ def test_cli_generate_applies_the_current_checkpoint(tiny_model_dir: Path, tmp_p
 
     cache, data = tmp_path / "cache", tmp_path / "data"
     cid, _, model = make_current_checkpoint(tiny_model_dir, cache, data)
-    expected = generate(model, make_tokenizer(), "hello", 10, 0.8, seed=4)
+    expected = generate(model, make_tokenizer(), "hello", 10, 0.8, seed=4, top_p=0.9)  # the CLI's default
     result = CliRunner().invoke(
         cli, ["--set", f"trainer.model={tiny_model_dir}", "--set", "trainer.lora_rank=4",
               "--set", f"paths.data_dir={data}", "--set", f"paths.cache_dir={cache}",

@@ -93,12 +93,12 @@ def run_session(
     on_status: Callable[[SessionStatus], None] = lambda s: None,
 ) -> SessionOutcome:
     """Run one session as the job says. Raises OverBudget before loading if the estimate exceeds the budget."""
-    from .model import load_base, resolve_model
+    from .model import cached_copy, load_base, resolve_model
 
     cfg = job.trainer
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    need = estimate_need_mb(cfg, resolve_model(cfg.model))
+    need = estimate_need_mb(cfg, cached_copy(cfg.model, job.cache_dir, cfg.dtype) or resolve_model(cfg.model))
     if need > job.memory_budget_mb:
         raise OverBudget(
             f"this session needs about {need:.0f} MiB but policy.memory_budget_mb is {job.memory_budget_mb}; "
