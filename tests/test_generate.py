@@ -140,7 +140,9 @@ def test_cli_generate_applies_the_current_checkpoint(tiny_model_dir: Path, tmp_p
 
     cache, data = tmp_path / "cache", tmp_path / "data"
     cid, _, model = make_current_checkpoint(tiny_model_dir, cache, data)
-    expected = generate(model, make_tokenizer(), "hello", 10, 0.8, seed=4, top_p=0.9)  # the CLI's default
+    pieces: list[str] = []  # what the CLI streams to stdout (a random tiny model emits invalid UTF-8 bytes)
+    generate(model, make_tokenizer(), "hello", 10, 0.8, seed=4, top_p=0.9, on_token=pieces.append)  # CLI default
+    expected = "".join(pieces)
     result = CliRunner().invoke(
         cli, ["--set", f"trainer.model={tiny_model_dir}", "--set", "trainer.lora_rank=4",
               "--set", f"paths.data_dir={data}", "--set", f"paths.cache_dir={cache}",
