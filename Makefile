@@ -25,10 +25,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The daemon in the foreground on the embedded default model, with the shipped sample
-# notes as its inbox and a short check interval so a newcomer sees it decide. Ctrl-C stops it.
+# notes as its inbox, a short check interval and a tolerant load limit so a newcomer sees it
+# decide and train. Ctrl-C stops it (the trainer finishes its step first).
 run: $(STAMP)
 	POCKETD_DAEMON__INBOX="$${POCKETD_DAEMON__INBOX:-$(CURDIR)/ingest/sample}" \
 	POCKETD_POLICY__CHECK_INTERVAL_S="$${POCKETD_POLICY__CHECK_INTERVAL_S:-15}" \
+	POCKETD_POLICY__MAX_LOAD="$${POCKETD_POLICY__MAX_LOAD:-4}" \
 	$(VENV)/bin/pocketd run
 
 clean:
