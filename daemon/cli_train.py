@@ -56,7 +56,7 @@ def train(app: AppContext, minutes: float | None, steps: int | None, no_eval: bo
     def on_status(s: Any) -> None:
         if s.phase != last_phase[0]:
             last_phase[0] = s.phase
-            click.echo(f"[{s.phase}]" + (f" checkpoint {s.checkpoint_id}" if s.checkpoint_id else ""), err=True)
+            click.echo(f"[{s.phase.value}]" + (f" checkpoint {s.checkpoint_id}" if s.checkpoint_id else ""), err=True)
         if s.phase == "training" and s.step:
             click.echo(_fmt_status(s), err=True)
 

@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from pydantic import ValidationError  # noqa: E402
 
 from .errors import ModelNotFound, OverBudget, TrainerError  # noqa: E402
-from .job import ExitCode, SessionStatus, TrainingJob, write_private_json  # noqa: E402
+from .job import ExitCode, Phase, SessionStatus, TrainingJob, write_private_json  # noqa: E402
 
 log = logging.getLogger("trainer")
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_session(job, stop, on_status)
     except OverBudget as e:
         log.error("%s", e)
-        on_status(SessionStatus(phase="done", end_reason=str(e)))
+        on_status(SessionStatus(phase=Phase.DONE, end_reason=str(e)))
         return ExitCode.REFUSED_BUDGET
     except ModelNotFound as e:
         log.error("%s", e)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from enum import IntEnum
+from enum import Enum, IntEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,10 +51,18 @@ class TrainingJob(BaseModel):
         return cls.model_validate_json(path.read_text(encoding="utf-8"))
 
 
+class Phase(str, Enum):
+    LOADING = "loading"
+    REPLAYING = "replaying"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    DONE = "done"
+
+
 class SessionStatus(BaseModel):
     """What the child reports in `status_file` (and what `pocketd status` shows while training)."""
 
-    phase: str  # loading | replaying | training | evaluating | done
+    phase: Phase
     checkpoint_id: int | None = None
     step: int = 0  # steps done in this session
     total_steps: int = 0  # steps in the checkpoint chain including this session
@@ -74,11 +82,7 @@ class SessionStatus(BaseModel):
 
 def write_private_json(path: Path, data: object) -> None:
     """Write JSON atomically (tmp + rename), mode 0600."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_private_bytes(path, json.dumps(data).encode("utf-8"))
 
 
 def write_private_bytes(path: Path, data: bytes) -> None:

@@ -27,7 +27,7 @@ from .config import LrSchedule, TrainerConfig
 from .data import BatchSampler, collate, items_for, pad_id_of
 from .errors import NoTrainingData, OverBudget
 from .evaluate import EvalResult, eval_items, evaluate
-from .job import ExitCode, SessionStatus, TrainingJob
+from .job import ExitCode, Phase, SessionStatus, TrainingJob
 from .loss import mean_loss
 from .replay import Spec, estimator_dict, prepare_model, replay
 from .zo import Restore, apply_update, estimate, f32
@@ -104,7 +104,7 @@ def run_session(
             f"this session needs about {need:.0f} MiB but policy.memory_budget_mb is {job.memory_budget_mb}; "
             "lower trainer.batch_size / trainer.micro_batch_size / trainer.seq_len or raise the budget"
         )
-    status = SessionStatus(phase="loading")
+    status = SessionStatus(phase=Phase.LOADING)
     on_status(status)
     store = Store.open(job.database)
     try:
@@ -131,7 +131,7 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
         current = None
     params = prepare_model(model, spec)
     resumed = _resumable(store, current, base.fingerprint, spec)
-    status.phase = "replaying"
+    status.phase = Phase.REPLAYING
     on_status(status)
     start_from = resumed.id if resumed else (current.id if current else None)
     if start_from is not None:
@@ -168,7 +168,7 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
     sampler = BatchSampler(train_items, store.docs.trained_counts(), cfg.batch_size, rng.getrandbits(63))
     restore = Restore(estimator_dict(cfg)["restore"])
     outcome = SessionOutcome(ck_id, 0, EndReason.STOPPED)
-    status.phase, status.checkpoint_id, status.total_steps = "training", ck_id, chain_steps
+    status.phase, status.checkpoint_id, status.total_steps = Phase.TRAINING, ck_id, chain_steps
     on_status(status)
     nonfinite_run = 0
     t_loop = time.monotonic()
@@ -224,7 +224,7 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
         store.log.add_hash(ck_id, step, params.sha256())
     if outcome.end_reason in (EndReason.STOPPED, EndReason.DIVERGED, EndReason.OVER_BUDGET) or step == 0:
         # Left as a candidate: the next session resumes it, or the gate runs then.
-        status.phase, status.end_reason = "done", outcome.end_reason.value
+        status.phase, status.end_reason = Phase.DONE, outcome.end_reason.value
         on_status(status)
         return outcome
     _gate(store, ck_id, eval_now, parent_eval, current, outcome, status, on_status, job)
@@ -235,7 +235,7 @@ def _gate(store, ck_id, eval_now, parent_eval, current, outcome, status, on_stat
     """Promote the candidate only if validation loss improved on its parent's."""
     if not job.evaluate:
         return
-    status.phase = "evaluating"
+    status.phase = Phase.EVALUATING
     on_status(status)
     cand = eval_now()
     if cand is None:
@@ -253,7 +253,7 @@ def _gate(store, ck_id, eval_now, parent_eval, current, outcome, status, on_stat
         outcome.promoted = better
     log.info("checkpoint %d %s (val loss %s vs %s)", ck_id, "promoted" if outcome.promoted else "rejected",
              outcome.val_loss, outcome.parent_val_loss)
-    status.phase, status.promoted, status.end_reason = "done", outcome.promoted, outcome.end_reason.value
+    status.phase, status.promoted, status.end_reason = Phase.DONE, outcome.promoted, outcome.end_reason.value
     status.val_loss, status.parent_val_loss = outcome.val_loss, outcome.parent_val_loss
     on_status(status)
 
