@@ -138,3 +138,17 @@ def test_no_training_data_is_a_clean_noop(tmp_path, tiny_model_dir):
     Store.open(job.database).close()
     out = run(job)
     assert out.end_reason is EndReason.NO_DATA and out.checkpoint_id is None
+
+
+def test_rss_past_the_budget_stops_cleanly_after_the_step(job, monkeypatch):
+    import trainer.session as session
+    from trainer.job import ExitCode
+
+    monkeypatch.setattr(session, "rss_mb", lambda: job.memory_budget_mb + 1.0)
+    out = run(job.model_copy(update={"max_steps": 50}))
+    assert out.end_reason is EndReason.OVER_BUDGET and out.exit_code is ExitCode.OVER_BUDGET
+    assert out.steps == 1 and out.peak_rss_mb > job.memory_budget_mb
+    with Store.open(job.database) as store:
+        ck = store.log.get(out.checkpoint_id)
+        assert ck.status is Status.CANDIDATE and ck.n_steps == 1
+        load_checkpoint(store, job.trainer, job.cache_dir, ck.id, verify=True)
