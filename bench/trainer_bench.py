@@ -6,8 +6,8 @@ One command: ingests ../shared/data/til-notes-2020-2023.jsonl into a temporary
 store, then runs every configuration in its own fresh process
 (`python bench/trainer_bench.py --worker NAME --settings JSON`, which prints its
 result as one JSON line on stdout), so peak RSS is per configuration. Prints a
-table and writes bench/results/trainer_bench.json; each worker's stderr goes to
-bench/results/logs/NAME.log.
+table and writes bench/results/trainer_bench.json (--json); each worker's stderr
+goes to logs/NAME.log next to that file.
 
 Measurements (all on the same fixed batch of full 128-token training windows):
 - forward-bs{8,64}: `trainer.loss.loss_sum` under inference_mode (the forward a ZO
@@ -43,6 +43,7 @@ import os
 import platform
 import random
 import resource
+import signal
 import sqlite3
 import statistics
 import struct
@@ -52,7 +53,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,7 +244,7 @@ def loss_kwargs(cfg: Any) -> dict[str, int]:
 def copy_store(src: str, dst: Path) -> Path:
     """A private copy of the prepared store (sqlite backup API: consistent even with a WAL)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(src) as a, sqlite3.connect(str(dst)) as b:
+    with closing(sqlite3.connect(src)) as a, closing(sqlite3.connect(str(dst))) as b:
         a.backup(b)
     return dst
 
@@ -567,6 +568,9 @@ def worker_quality_mezo(s: Settings) -> dict[str, Any]:
     wall = time.monotonic() - t0
     train_s = last_step_at[0] - phases.get("training", t0) if outcome.steps else 0.0
     before, after = outcome.parent_val_loss, outcome.val_loss
+    note = None
+    if outcome.steps == 0 and before is not None and after is None:
+        after, note = before, "no step fitted in the budget (load + first evaluation took it): model unchanged"
     return {
         "method": "mezo-lora (run_session)", "lr": cfg.lr, "eps": cfg.eps, "batch_size": cfg.batch_size,
         "eval_windows": cfg.eval_examples, "minutes": s.minutes, "steps": outcome.steps,
@@ -576,7 +580,7 @@ def worker_quality_mezo(s: Settings) -> dict[str, Any]:
         "ppl_before": math.exp(before) if before is not None else None,
         "ppl_after": math.exp(after) if after is not None else None,
         "train_loop_s": round(train_s, 1), "s_per_step": round(train_s / outcome.steps, 3) if outcome.steps else None,
-        "wall_s": round(wall, 1), "peak_rss_mib": round(w["peak"] / MIB, 1),
+        "wall_s": round(wall, 1), "peak_rss_mib": round(w["peak"] / MIB, 1), "note": note,
         "session_peak_rss_mib": round(outcome.peak_rss_mb, 1), "ru_maxrss_mib": round(ru_maxrss_mib(), 1),
     }
 
@@ -697,6 +701,13 @@ def select(only: str | None) -> list[str]:
 
 def brief(name: str, r: dict[str, Any]) -> str:
     """One line of progress for stderr."""
+    try:
+        return _brief(name, r)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"done (summary unavailable: {type(e).__name__}: {e})"
+
+
+def _brief(name: str, r: dict[str, Any]) -> str:
     if "error" in r:
         return f"FAILED: {r['error']}"
     if name.startswith("forward"):
@@ -709,15 +720,15 @@ def brief(name: str, r: dict[str, Any]) -> str:
     if name == "log-replay":
         return f"{r['packed_bytes_per_step']:.1f} B/step packed, replay {r['replayed']} steps in {r['replay_s']:.2f} s"
     if name.startswith("quality"):
-        return f"ppl {r['ppl_before']:.3f} -> {r['ppl_after']:.3f} in {r['steps']} steps"
+        return f"ppl {_fmt(r['ppl_before'])} -> {_fmt(r['ppl_after'])} in {r['steps']} steps"
     return "ok"
 
 
 def run_driver(args: argparse.Namespace) -> None:
     names = select(args.only)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    log_dir = RESULTS / "logs"
-    log_dir.mkdir(exist_ok=True)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so the temporary store is removed
+    log_dir = Path(args.json).resolve().parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache_dir).resolve()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="trainer_bench.") as tmp:
@@ -733,12 +744,23 @@ def run_driver(args: argparse.Namespace) -> None:
         for i, name in enumerate(names, 1):
             results[name] = spawn(name, s, log_dir, timeout)
             progress(f"[{i}/{len(names)}] {name}", results[name], started, brief(name, results[name]))
+            write_json(Path(args.json), build_report(args, s, ingested, prep, results, time.monotonic() - started))
     report = build_report(args, s, ingested, prep, results, time.monotonic() - started)
+    write_json(Path(args.json), report)
     print(render(report))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"\nwrote {out}", file=sys.stderr)
+    print(f"\nwrote {args.json}", file=sys.stderr)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Written after every worker, so a long run that dies still leaves what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def progress(label: str, r: dict[str, Any], started: float, text: str | None = None) -> None:
@@ -812,13 +834,15 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [t for t in out if t is not None]
 
 
-def quality_summary(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    def gain(r: dict[str, Any] | None) -> float | None:
-        if not r or r.get("ppl_before") is None or r.get("ppl_after") is None:
-            return None
-        return 100.0 * (r["ppl_before"] - r["ppl_after"]) / r["ppl_before"]
+def _gain_pct(r: dict[str, Any] | None) -> float | None:
+    """Perplexity reduction in % of the perplexity before."""
+    if not r or r.get("ppl_before") is None or r.get("ppl_after") is None:
+        return None
+    return 100.0 * (r["ppl_before"] - r["ppl_after"]) / r["ppl_before"]
 
-    mezo, adamw = gain(results.get("quality-mezo")), gain(results.get("quality-adamw"))
+
+def quality_summary(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    mezo, adamw = _gain_pct(results.get("quality-mezo")), _gain_pct(results.get("quality-adamw"))
     if mezo is None and adamw is None:
         return None
     ratio = mezo / adamw if mezo is not None and adamw else None
@@ -926,7 +950,7 @@ def _quality_table(results: dict[str, dict[str, Any]], q: dict[str, Any] | None)
     for name, label in (("quality-mezo", "lora-MeZO (session)"), ("quality-adamw", "LoRA-AdamW")):
         r = results.get(name)
         if r and "error" not in r:
-            gain = 100.0 * (r["ppl_before"] - r["ppl_after"]) / r["ppl_before"]
+            gain = _gain_pct(r)
             rows.append((label, _fmt(r["minutes"], "g"), str(r["steps"]), _fmt(r["s_per_step"], ".2f"),
                          _fmt(r["ppl_before"]), _fmt(r["ppl_after"]), _fmt(gain, "+.2f"),
                          _fmt(r["peak_rss_mib"], ".0f")))
@@ -936,6 +960,10 @@ def _quality_table(results: dict[str, dict[str, Any]], q: dict[str, Any] | None)
                     "peak RSS MiB"), rows)
     if q and q.get("mezo_over_adamw_gain") is not None:
         table += f"\nMeZO gain / AdamW gain = {q['mezo_over_adamw_gain']:.3f}"
+    for name in ("quality-mezo", "quality-adamw"):
+        note = (results.get(name) or {}).get("note")
+        if note:
+            table += f"\n{name}: {note}"
     return table
 
 
