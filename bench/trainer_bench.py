@@ -203,7 +203,10 @@ def ru_maxrss_mib() -> float:
 def trainer_config(s: Settings, **overrides: Any) -> Any:
     from trainer.config import TrainerConfig
 
-    values: dict[str, Any] = {"seq_len": s.seq, "seed": s.seed}
+    # Issue 3's figures are for textbook LoRA-MeZO (every layer, A and B, lr 1e-4, sgd, full
+    # forwards); pocketd's later defaults (bench/zo_quality.py) are pinned away here.
+    values: dict[str, Any] = {"seq_len": s.seq, "seed": s.seed, "lora_layers": None, "lora_fa": False,
+                              "lr": 1e-4, "step_rule": "sgd", "prefix_sharing": False, "divergence_guard": False}
     if s.mezo_lr is not None:
         values["lr"] = s.mezo_lr
     if s.mezo_eps is not None:

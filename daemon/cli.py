@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,8 +58,21 @@ def user_errors(fn: F) -> F:
         except known as e:
             click.echo(f"pocketd: error: {e}", err=True)
             sys.exit(1)
+        except sqlite3.DatabaseError as e:  # a damaged page found mid-query (the header was fine at open)
+            logging.getLogger(__name__).debug("database error", exc_info=True)
+            click.echo(f"pocketd: error: {_database_path()}: {e}", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _database_path() -> str:
+    """The configured database's path, for naming it in an error (the config is loaded by then)."""
+    ctx = click.get_current_context(silent=True)
+    app = ctx.find_object(AppContext) if ctx is not None else None
+    if app is not None and app._loaded is not None:
+        return str(app._loaded.config.paths.database)
+    return "the database"
 
 
 def _extra_user_errors() -> tuple[type[BaseException], ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -46,6 +47,16 @@ def _record_rebuilt_hashes(app: AppContext, store: Store, checkpoint_id: int) ->
     cfg = app.loaded.config
     record_hashes(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id)
     click.echo(f"rebuilt the current checkpoint without them: checkpoint {checkpoint_id}")
+
+
+def _clear_activation_cache(app: AppContext) -> None:
+    """Cached activations are derived from the text: forgetting documents drops the whole cache."""
+    from trainer.config import activation_cache_dir
+
+    path = activation_cache_dir(app.loaded.config.paths.cache_dir)
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        click.echo(f"cleared the activation cache ({path})")
 
 
 def sample_dir() -> Path:
@@ -152,6 +163,7 @@ def forget(app: AppContext, documents: tuple[str, ...], sources: tuple[str, ...]
         result = forget_documents(store, documents=[str(d.id) for d in targets])
         if rebuilt is not None:
             _record_rebuilt_hashes(app, store, rebuilt)
+    _clear_activation_cache(app)
     for d in result.documents:
         click.echo(f"deleted document {d.id} ({d.content_hash[:12]}, {plural(d.n_examples, 'example')}, "
                    f"source {d.source}, from {d.origin})")

@@ -196,7 +196,7 @@ def ck_import(app: AppContext, file: Path) -> None:
     from store import Status
     from trainer.checkpoints import from_file
     from trainer.ckptfile import unpack
-    from trainer.errors import CheckpointFileError
+    from trainer.errors import CheckpointFileError, ReplayMismatch
     from trainer.replay import load_checkpoint
 
     try:
@@ -209,8 +209,11 @@ def ck_import(app: AppContext, file: Path) -> None:
         cid = from_file(store, ck, note=f"imported from {file.name}")
         try:
             load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, cid, verify=True)
-        except Exception:
+        except Exception as e:
             store.log.set_status(cid, Status.REJECTED, note=f"imported from {file.name}: failed verification")
+            if isinstance(e, ReplayMismatch):
+                raise CheckpointFileError(f"{file}: does not verify ({e}); kept as rejected checkpoint "
+                                          f"{cid}, the current checkpoint is unchanged") from e
             raise
         store.log.set_status(cid, Status.CURRENT)
     click.echo(f"imported {file} as checkpoint {cid} ({ck.n_steps} steps, verified, now current)")

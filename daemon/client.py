@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,22 +47,33 @@ class Client:
         self._buffer = b""
 
     def connect(self) -> "Client":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout_s)
-        try:
-            with unix_address(self.path) as addr:
-                sock.connect(addr)
-        except FileNotFoundError:
-            sock.close()
-            raise DaemonNotRunning(self.path, "no socket") from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise DaemonNotRunning(self.path, "stale socket") from None
-        except OSError as e:
-            sock.close()
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(self.timeout_s)
+            try:
+                with unix_address(self.path) as addr:
+                    sock.connect(addr)
+                break
+            except BlockingIOError:
+                # EAGAIN: the daemon's listen backlog is full (a burst of clients). A connect with a
+                # timeout does not wait for room on a Unix socket, so wait here, within the timeout.
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise ClientError(f"cannot connect to {self.path}: pocketd is too busy "
+                                      f"(no room within {self.timeout_s:g} s)") from None
+                time.sleep(0.02)
+            except FileNotFoundError:
+                sock.close()
                 raise DaemonNotRunning(self.path, "no socket") from None
-            raise ClientError(f"cannot connect to {self.path}: {e.strerror or e}") from e
+            except ConnectionRefusedError:
+                sock.close()
+                raise DaemonNotRunning(self.path, "stale socket") from None
+            except OSError as e:
+                sock.close()
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    raise DaemonNotRunning(self.path, "no socket") from None
+                raise ClientError(f"cannot connect to {self.path}: {e.strerror or e}") from e
         self._sock = sock
         return self
 

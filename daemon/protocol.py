@@ -172,6 +172,8 @@ def parse_request(line: bytes) -> Request:
         raise BadJson(f"request is not UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise BadJson(f"request is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:  # `[[[[...` a few thousand deep: refused like any other bad JSON, not a bug
+        raise BadJson("request is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest(f"request must be a JSON object, got {_json_type(data)}")
     name = data.pop("cmd", None)

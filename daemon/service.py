@@ -123,6 +123,8 @@ class Daemon:
         self._last_decision_key: tuple[bool, tuple[str, ...]] | None = None
         self._last_readings: Readings | None = None
         self._last_stop_check: Decision | None = None
+        self._last_failure: str | None = None  # why the backoff is on, for `status`
+        self._stopped_over_budget: set[int] = set()  # sessions the RSS probe stopped for the memory budget
         self.store: GuardedStore | None = None
         self.supervisor = TrainerSupervisor(
             command=trainer_command or default_trainer_command(),
@@ -294,8 +296,9 @@ class Daemon:
             if self._paused:
                 decision = Decision(train=False, reasons=["paused"])
             elif self.backoff.remaining_s() > 0:
+                why = f": {self._last_failure.removeprefix('failed: ')}" if self._last_failure else ""
                 decision = Decision(train=False, reasons=[
-                    f"backing off after a failed session ({self.backoff.remaining_s():.0f} s left)"])
+                    f"backing off after a failed session ({self.backoff.remaining_s():.0f} s left){why}"])
             else:
                 decision = decide(readings, self.config.policy, state)
             self._note_decision(decision)
@@ -336,6 +339,9 @@ class Daemon:
             self._last_stop_check = verdict
             if not verdict.train and self.supervisor.running is running:
                 reason = "; ".join(verdict.reasons)
+                rss = readings.trainer_rss_mb
+                if rss is not None and rss > self.config.policy.memory_budget_mb:
+                    self._stopped_over_budget.add(running.session_id)
                 self._record_event("stop", f"stopping session {running.session_id}: {reason}")
                 self.supervisor.request_stop(reason)
 
@@ -369,6 +375,7 @@ class Daemon:
             running = self.supervisor.start(job, session_id, trigger)
         except TrainerStartError as e:
             delay = self.backoff.failed()
+            self._last_failure = f"failed to start: {e}"
             log.error("%s; retrying in %.0f s", e, delay)
             with self.guarded_store() as s:
                 s.history.end_session(session_id, end_reason=f"failed to start: {e}")
@@ -409,8 +416,12 @@ class Daemon:
                                     s_per_step=st.s_per_step)
         with self.guarded_store() as s:
             s.history.end_session(finished.session_id, **fields)
-        if finished.outcome is Outcome.FAILED:
+        over_budget = finished.session_id in self._stopped_over_budget
+        self._stopped_over_budget.discard(finished.session_id)
+        if finished.outcome is Outcome.FAILED or over_budget:
+            # A session stopped for the memory budget would grow the same way at once: back off too.
             delay = self.backoff.failed()
+            self._last_failure = finished.end_reason
             self._record_event("trainer-failed", f"session {finished.session_id} {finished.end_reason}; "
                                f"backing off {delay:.0f} s", {"exit_status": finished.exit_status})
         else:

@@ -352,6 +352,8 @@ class TrainerSupervisor:
         if code == ExitCode.OK:
             return Outcome.FINISHED, (status.end_reason if status and status.end_reason else "finished")
         detail = status.end_reason if status and status.end_reason else None
+        if code == ExitCode.REFUSED_BUDGET:  # the trainer's message names the setting; say it in words too
+            detail = "the memory budget is too small" + (f": {detail}" if detail else "")
         text = f"failed: {exit_description(code)}" + (f": {detail}" if detail else "")
         return Outcome.FAILED, text
 

@@ -96,6 +96,7 @@ class BadJson(IngestError):
 class InvalidUnicode(IngestError):
     """Text handed over as a string (JSON, socket) holds a lone surrogate, which no UTF-8 can encode."""
 
-    def __init__(self, input_name: str, index: int, char: str) -> None:
-        super().__init__(input_name, f"invalid Unicode: lone surrogate U+{ord(char):04X} at character {index}")
+    def __init__(self, input_name: str, index: int, char: str, where: str | None = None) -> None:
+        place = f"in {where}" if where else f"at character {index}"
+        super().__init__(input_name, f"invalid Unicode: lone surrogate U+{ord(char):04X} {place}")
         self.index = index

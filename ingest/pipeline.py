@@ -18,10 +18,10 @@ from store import Store
 
 from .config import IngestConfig
 from .decode import check_size, check_text
-from .errors import EmptyText, IngestError
+from .errors import EmptyText, IngestError, InvalidUnicode
 from .normalize import normalize
 from .report import Added, Duplicate, IngestReport, Rejected, Skipped
-from .sources import RawDocument, iter_inputs
+from .sources import RawDocument, display_path, iter_inputs
 from .split import split_examples
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,24 @@ def store_document(store: Store, raw: RawDocument, config: IngestConfig) -> Adde
     except IngestError as e:
         log.info("rejected %s", e)
         return Rejected.from_error(e)
-    result = store.docs.add_document(
-        text,
-        examples,
-        source=raw.source,
-        source_kind=raw.source_kind,
-        origin=raw.origin,
-        created_at=raw.created_at,
-        meta=raw.meta,
-        validation_percent=config.validation_percent,
-    )
+    try:
+        result = store.docs.add_document(
+            text,
+            examples,
+            source=raw.source,
+            source_kind=raw.source_kind,
+            origin=raw.origin,
+            created_at=raw.created_at,
+            meta=raw.meta,
+            validation_percent=config.validation_percent,
+        )
+    except UnicodeEncodeError as e:
+        # A lone surrogate in the source name, origin or metadata (the text was checked above), which
+        # SQLite cannot store as UTF-8; the document's transaction was rolled back.
+        bad = e.object[e.start : e.start + 1] if isinstance(e.object, str) else ""
+        error = InvalidUnicode(raw.name, 0, bad or "\ud800", where="the source name, origin or metadata")
+        log.info("rejected %s", error)
+        return Rejected.from_error(error)
     if result.added:
         log.debug("added %s as document %d (%d examples)", raw.name, result.document_id, result.n_examples)
         return Added(raw.name, result.document_id, result.content_hash, result.n_examples)
@@ -101,7 +109,7 @@ def ingest_text(
     source_kind: str = "text",
 ) -> IngestReport:
     """Ingest one string as one document of `source` (the control socket's `ingest` command)."""
-    label = name or f"<{source}>"
+    label = display_path(name or f"<{source}>")  # printable even if the source name is not valid Unicode
     raw = RawDocument(label, text, source, source_kind, origin or label, created_at, dict(meta or {}))
     report = IngestReport()
     report.add(store_document(store, raw, config))

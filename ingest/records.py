@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +21,9 @@ from .errors import IngestError
 log = logging.getLogger(__name__)
 
 RECORD_KEYS = ("text", "source", "time", "meta")
+# Metadata is stored as JSON text; deeper nesting than this is refused (JSON that deep is not metadata).
+MAX_META_DEPTH = 100
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,32 @@ def parse_time(value: Any) -> str | None:
     raise ValueError(f'"time" must be ISO 8601 text or Unix seconds, got {_type_name(value)}')
 
 
+def _lone_surrogate(text: str) -> str | None:
+    bad = _SURROGATE.search(text)
+    return None if bad is None else f"U+{ord(bad.group()):04X}"
+
+
+def _check_meta(field_name: str, value: Any, error: Callable[[str], IngestError]) -> None:
+    """Metadata must be storable: no lone surrogates (a "\\ud800" escape) and at most MAX_META_DEPTH levels."""
+    stack = [(value, 1)]
+    while stack:  # iterative: nesting must not overflow the stack here either
+        v, depth = stack.pop()
+        if depth > MAX_META_DEPTH:
+            raise error(f"{field_name} is nested more than {MAX_META_DEPTH} levels deep")
+        strings: list[str] = []
+        if isinstance(v, str):
+            strings.append(v)
+        elif isinstance(v, dict):
+            strings.extend(v)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+        for text in strings:
+            bad = _lone_surrogate(text)
+            if bad:
+                raise error(f"{field_name} holds invalid Unicode: a lone surrogate {bad}")
+
+
 def parse_record(obj: Any, error: Callable[[str], IngestError]) -> Record:
     """Validate one decoded JSON value as a record; raise `error(reason)` if it is not one."""
     if not isinstance(obj, dict):
@@ -82,6 +112,9 @@ def parse_record(obj: Any, error: Callable[[str], IngestError]) -> Record:
             raise error(f'"source" must be a string, got {_type_name(source)}')
         if not source.strip():
             raise error('"source" is empty')
+        bad = _lone_surrogate(source)
+        if bad:
+            raise error(f'"source" holds invalid Unicode: a lone surrogate {bad}')
         source = source.strip()
     try:
         created_at = parse_time(obj.get("time"))
@@ -91,5 +124,9 @@ def parse_record(obj: Any, error: Callable[[str], IngestError]) -> Record:
     if meta is not None and not isinstance(meta, dict):
         raise error(f'"meta" must be an object, got {_type_name(meta)}')
     merged = {k: v for k, v in obj.items() if k not in RECORD_KEYS}
+    for key, value in merged.items():
+        _check_meta(f"field {key!r}", {key: value}, error)
+    if meta:
+        _check_meta('"meta"', meta, error)
     merged.update(meta or {})
     return Record(text=text, source=source, created_at=created_at, meta=merged)

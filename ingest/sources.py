@@ -70,6 +70,35 @@ def jsonl_line_limit(config: IngestConfig) -> int:
     return JSON_ESCAPE_FACTOR * config.max_document_bytes + JSON_LINE_SLACK
 
 
+def display_path(path: str | Path) -> str:
+    """A path as text that can be printed and stored: bytes of a file name that are not UTF-8
+    (which Python keeps as lone surrogates) are shown as \\xNN escapes."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def loads_json(text: str, *, one_line: bool = False) -> tuple[Any, str | None]:
+    """`json.loads`, or (None, the reason) when `text` is not JSON that Python can read."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        where = f"column {e.colno}" if one_line else f"line {e.lineno}, column {e.colno}"
+        return None, f"not valid JSON: {e.msg} ({where})"
+    except RecursionError:
+        return None, "JSON nested too deeply to read"
+    except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+        return None, f"unreadable JSON value: {str(e).split(';')[0]}"
+
+
 def _mtime_iso(st: os.stat_result) -> str:
     return datetime.fromtimestamp(st.st_mtime, tz=timezone.utc).isoformat(timespec="milliseconds")
 
@@ -93,23 +122,23 @@ def iter_inputs(
 ) -> Iterator[Item]:
     """Every document (or problem) from `paths`, in order; "-" reads `stdin` (text, or "jsonl")."""
     for raw in paths:
-        given = str(raw)
-        if given == STDIN:
+        if str(raw) == STDIN:
             naming = _Naming(source or STDIN_SOURCE, "stdin", source is not None)
             yield from _read_stdin(stdin, config, naming, stdin_format)
             continue
-        path = Path(given)
+        path = Path(raw)
+        given = display_path(raw)  # the input's name in messages
         if path.is_dir():
-            naming = _Naming(source or os.path.abspath(path), "folder", source is not None)
+            naming = _Naming(source or display_path(os.path.abspath(path)), "folder", source is not None)
             yield from _read_folder(path, config, naming)
         elif not path.exists() and not path.is_symlink():
             yield Rejected.from_error(PathNotFound(given))
         else:
             ext = path.suffix.lower()
             if ext not in config.extensions:
-                yield Rejected.from_error(UnsupportedFile(given, ext, config.extensions))
+                yield Rejected.from_error(UnsupportedFile(given, display_path(ext), config.extensions))
                 continue
-            naming = _Naming(source or os.path.abspath(path), "file", source is not None)
+            naming = _Naming(source or display_path(os.path.abspath(path)), "file", source is not None)
             yield from _read_path(path, given, config, naming)
 
 
@@ -135,7 +164,7 @@ def _read_folder(root: Path, config: IngestConfig, naming: _Naming) -> Iterator[
     try:
         st = root.stat()
     except OSError as e:
-        yield Rejected.from_error(Unreadable(str(root), f"cannot read folder: {e.strerror or e}"))
+        yield Rejected.from_error(Unreadable(display_path(root), f"cannot read folder: {e.strerror or e}"))
         return
     seen: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
     stack: list[Path] = [root]
@@ -146,12 +175,12 @@ def _read_folder(root: Path, config: IngestConfig, naming: _Naming) -> Iterator[
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            yield Rejected.from_error(Unreadable(str(folder), f"cannot read folder: {e.strerror or e}"))
+            yield Rejected.from_error(Unreadable(display_path(folder), f"cannot read folder: {e.strerror or e}"))
             continue
         subfolders: list[Path] = []
         for entry in entries:
             path = folder / entry.name
-            name = str(path)
+            name = display_path(path)
             if entry.name.startswith("."):
                 yield Skipped(name, "hidden")
                 continue
@@ -176,7 +205,7 @@ def _read_folder(root: Path, config: IngestConfig, naming: _Naming) -> Iterator[
             elif is_file:
                 ext = path.suffix.lower()
                 if ext not in config.extensions:
-                    shown = ext or "(none)"
+                    shown = display_path(ext) or "(none)"
                     yield Skipped(name, f"extension {shown} is not in ingest.extensions")
                     continue
                 yield from _read_path(path, name, config, naming)
@@ -191,7 +220,7 @@ def _read_folder(root: Path, config: IngestConfig, naming: _Naming) -> Iterator[
 def _read_path(path: Path, name: str, config: IngestConfig, naming: _Naming) -> Iterator[Item]:
     """The documents of one file, chosen by its extension (.jsonl, .json, anything else: plain text)."""
     ext = path.suffix.lower()
-    origin = os.path.abspath(path)
+    origin = display_path(os.path.abspath(path))
     if ext == ".jsonl":
         try:
             stat_regular_file(path, name)
@@ -265,10 +294,9 @@ def _jsonl_lines(stream: BinaryIO, name: str, origin: str, config: IngestConfig,
         except IngestError as e:
             yield Rejected.from_error(e)
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield Rejected.from_error(BadJsonlLine(name, lineno, f"not valid JSON: {e.msg} (column {e.colno})"))
+        obj, problem = loads_json(text, one_line=True)
+        if problem is not None:
+            yield Rejected.from_error(BadJsonlLine(name, lineno, problem))
             continue
         yield _record_document(
             obj, line_name, f"{origin}:{lineno}", naming, "jsonl",
@@ -278,10 +306,9 @@ def _jsonl_lines(stream: BinaryIO, name: str, origin: str, config: IngestConfig,
 
 def _json_records(text: str, name: str, origin: str, naming: _Naming) -> Iterator[Item]:
     """A .json file: one record object, or a list of them (named "name#N", N from 1)."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        yield Rejected.from_error(BadJson(name, f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"))
+    obj, problem = loads_json(text)
+    if problem is not None:
+        yield Rejected.from_error(BadJson(name, problem))
         return
     if isinstance(obj, dict):
         yield _record_document(obj, name, origin, naming, "json", lambda reason: BadJson(name, reason))

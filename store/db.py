@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import stat
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,9 +28,49 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+class _Database(Database):
+    """sqlite-utils' Database whose outermost `atomic()` takes the write lock at once (BEGIN IMMEDIATE).
+
+    The daemon (socket and inbox ingest, history) and the trainer (a step per commit) write the
+    same file. A deferred transaction that reads and then writes fails at once with "database is
+    locked" when another connection committed in between (SQLite cannot wait for a newer
+    snapshot); an immediate one waits for the lock under busy_timeout instead.
+    """
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator["Database"]:
+        if self.conn.in_transaction:  # nested: sqlite-utils' savepoints
+            with super().atomic():
+                yield self
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        else:
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.rollback()
+                raise
+
+
 def make_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) with mode 0700; tighten it if it already exists."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create `path` with mode 0700, and its missing parents 0700 too; tighten `path` if it already exists.
+
+    (`mkdir(parents=True)` would make the parents 0777 & ~umask: e.g. ~/.local/state/pocketd 0755
+    when only ~/.local/state/pocketd/jobs was asked for. The XDG spec asks for 0700 as well.)
+    """
+    missing = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
     if stat.S_IMODE(path.stat().st_mode) != 0o700:
         path.chmod(0o700)
     return path
@@ -74,7 +116,7 @@ class Store(AbstractContextManager["Store"]):
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-                db = Database(conn, execute_plugins=False)
+                db = _Database(conn, execute_plugins=False)
                 migrations.apply(db)
             except sqlite3.DatabaseError as e:
                 conn.close()

@@ -192,6 +192,9 @@ class CheckpointLog:
             [checkpoint_id],
         )
         for step, seeds, grads, lr, loss in cur:
+            if len(seeds) % 8 or len(grads) % 4:
+                raise CheckpointConflict(f"checkpoint {checkpoint_id}: step {step} is damaged "
+                                         f"({len(seeds)} bytes of seeds, {len(grads)} bytes of gradients)")
             yield StepRecord(
                 step, unpack_seeds(seeds), unpack_grads(grads), lr, loss, tuple(docs.get(step, ()))
             )

@@ -163,3 +163,17 @@ def test_bad_job_file_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "trainer", "--job", str(bad)], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == ExitCode.BAD_JOB and "invalid job file" in proc.stderr
+
+
+def test_forget_clears_the_activation_cache(env):
+    cfg = env / "config.toml"
+    cfg.write_text(cfg.read_text().replace("[paths]", "lora_layers = 1\n[paths]"))
+    code, out = pocketd("train", "--steps", "2", "--no-eval")
+    assert code == 0, out
+    acts = env / "cache" / "activations"
+    assert any(acts.rglob("*.act")), "training with a frozen prefix fills the activation cache"
+    with Store.open(env / "data" / "pocketd.sqlite3") as store:
+        doc = store.docs.list()[0]
+    code, out = pocketd("forget", "--document", str(doc.id))
+    assert code == 0, out
+    assert "cleared the activation cache" in out and not acts.exists()

@@ -23,3 +23,17 @@ def test_documented_commands_exist():
     assert lines, "the README shows pocketd commands"
     unknown = sorted({c for c in lines if c not in cli.commands})
     assert unknown == []
+
+
+def test_trainer_defaults_in_the_reference_are_the_real_ones():
+    from enum import Enum
+
+    from trainer.config import TrainerConfig
+
+    section = README[README.index("### [trainer]"):].split("\n### [")[0]
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip() for line in section.splitlines()
+            if line.startswith("| `")}
+    for name, field in TrainerConfig.model_fields.items():
+        value = field.default.value if isinstance(field.default, Enum) else field.default
+        shown = "unset" if value is None else f"`{str(value).lower() if isinstance(value, bool) else value}`"
+        assert rows[name] == shown, f"trainer.{name}: README says {rows[name]}, the code {shown}"

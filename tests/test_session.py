@@ -27,8 +27,8 @@ def test_session_logs_every_step_and_replay_matches_live_weights(job, monkeypatc
 
     real = session.apply_update
 
-    def spy(params, seeds, grads, lr):
-        real(params, seeds, grads, lr)
+    def spy(params, seeds, grads, lr, *rest):
+        real(params, seeds, grads, lr, *rest)
         live["sha"] = params.sha256()
 
     monkeypatch.setattr(session, "apply_update", spy)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from pydantic import ValidationError  # noqa: E402
 
-from .errors import ModelNotFound, OverBudget, TrainerError  # noqa: E402
+from .errors import ModelNotFound, OverBudget, ReplayMismatch, TrainerError  # noqa: E402
 from .job import ExitCode, Phase, SessionStatus, TrainingJob, write_private_json  # noqa: E402
 
 log = logging.getLogger("trainer")
@@ -59,9 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.REFUSED_BUDGET
     except ModelNotFound as e:
         log.error("%s", e)
+        on_status(SessionStatus(phase=Phase.DONE, end_reason=str(e)))
         return ExitCode.BAD_JOB
+    except ReplayMismatch as e:  # the log does not verify: refuse to train on it (the daemon reports why)
+        log.error("refusing to train: %s", e)
+        on_status(SessionStatus(phase=Phase.DONE, end_reason=f"refused: {e}"))
+        return ExitCode.BAD_LOG
     except TrainerError as e:
         log.error("%s", e)
+        on_status(SessionStatus(phase=Phase.DONE, end_reason=str(e)))
+        return ExitCode.CRASH
+    except sqlite3.DatabaseError as e:  # a damaged database: name it, no traceback
+        log.error("%s: %s", job.database, e)
+        on_status(SessionStatus(phase=Phase.DONE, end_reason=f"{job.database}: {e}"))
         return ExitCode.CRASH
     log.info("session ended: %s after %d steps", outcome.end_reason.value, outcome.steps)
     return outcome.exit_code

@@ -56,6 +56,10 @@ def estimate_need_mb(cfg: TrainerConfig, model_path: Path) -> float:
     micro = min(cfg.batch_size, cfg.micro_batch_size)
     tokens = micro * cfg.seq_len
     activations = tokens * (hidden * 6 + inter * 3) * 4 + micro * heads * cfg.seq_len**2 * 4
+    if cfg.batched_perturbations:  # the top layers see the micro-batch 2n times at once
+        activations *= 2 * cfg.n_perturbations
+    if cfg.trainable is Trainable.LORA and cfg.lora_layers and cfg.prefix_sharing:
+        activations += cfg.batch_size * cfg.seq_len * hidden * 4  # the step's shared prefix
     logits = cfg.loss_chunk_tokens * vocab * 4 * 3
     snapshot = 0 if cfg.trainable is Trainable.FULL else n_params * 0.02 * 4  # LoRA copy: a few % at most
     need = RUNTIME_OVERHEAD_MB + (weights + activations + logits + snapshot) / 2**20

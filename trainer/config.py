@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def activation_cache_dir(cache_dir: Path) -> Path:
+    """Where the frozen-prefix activation cache lives (removed by `pocketd forget`)."""
+    return Path(cache_dir) / "activations"
 
 
 class Method(str, Enum):
@@ -25,6 +31,16 @@ class LoraTargets(str, Enum):
 class LrSchedule(str, Enum):
     CONSTANT = "constant"
     INVERSE_SQRT = "inverse_sqrt"  # lr / sqrt(1 + step / warm)
+
+
+class Perturbation(str, Enum):
+    GAUSSIAN = "gaussian"  # z ~ N(0, I), MeZO's choice
+    RADEMACHER = "rademacher"  # z in {-1, +1}, same variance, bounded
+
+
+class StepRule(str, Enum):
+    SGD = "sgd"  # theta -= lr * g * z: MeZO's textbook rule, lr depends on the loss scale
+    NORMALIZED = "normalized"  # theta -= lr * (g / rms(g)) * z: lr is a per-coordinate step, scale-free
 
 
 class DType(str, Enum):
@@ -52,13 +68,40 @@ class TrainerConfig(BaseModel):
         "faster replay), mlp or all.",
     )
     lora_layers: int | None = Field(
-        None, ge=1, description="Adapters only in the top N decoder layers (all layers if unset)."
+        4, ge=1, description="Adapters only in the top N decoder layers (unset: all layers). The layers below "
+        "run once per step (prefix sharing)."
     )
     lora_seed: int = Field(0, ge=0, description="Seed of the LoRA A-matrix initialization.")
-    lr: float = Field(1e-4, gt=0, description="Learning rate eta.")
+    lora_fa: bool = Field(
+        True, description="LoRA-FA: keep the random A matrices frozen and train only B (half the perturbed "
+        "dimensions, none of them wasted on A while B is still zero)."
+    )
+    lr: float = Field(
+        3e-3, gt=0, description="Learning rate eta (with step_rule normalized: the step of each coordinate)."
+    )
     lr_schedule: LrSchedule = Field(LrSchedule.CONSTANT, description="Learning-rate schedule.")
     eps: float = Field(1e-2, gt=0, description="Perturbation scale epsilon of the ZO estimate.")
     n_perturbations: int = Field(1, ge=1, le=64, description="Perturbations per step (each its own seed).")
+    perturbation: Perturbation = Field(Perturbation.GAUSSIAN, description="Distribution of z: gaussian or rademacher.")
+    step_rule: StepRule = Field(
+        StepRule.NORMALIZED, description="Update rule: sgd (lr * g) or normalized (lr * g / running RMS of g)."
+    )
+    divergence_guard: bool = Field(
+        True, description="Halve the step size (logged per step, so replay stays exact) whenever the running "
+        "training loss rises clearly above where the session started."
+    )
+    batched_perturbations: bool = Field(
+        False, description="Evaluate all 2n perturbed adapters of a step in one batched forward (MobiZO) "
+        "instead of 2n sequential ones (LoRA only; activations of the top layers grow 2n-fold)."
+    )
+    prefix_sharing: bool = Field(
+        True, description="Run the frozen layers below the lowest adapter once per step, and only the layers "
+        "above it for each +/- eps evaluation (same losses, fewer FLOPs)."
+    )
+    activation_cache_mb: int = Field(
+        256, ge=0, description="Disk cache (MiB) of the frozen-prefix activations per training window, so later "
+        "epochs skip the bottom layers; 0 turns it off."
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="Examples per step.")
     seq_len: int = Field(128, ge=8, le=8192, description="Tokens per example (longer ones are cut).")
     micro_batch_size: int = Field(
@@ -76,6 +119,6 @@ class TrainerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainerConfig":
-        if self.trainable is Trainable.FULL and self.lora_layers is not None:
-            raise ValueError("lora_layers only applies to trainable = \"lora\"")
+        if self.trainable is Trainable.FULL and self.batched_perturbations:
+            raise ValueError("batched_perturbations needs trainable = \"lora\" (full would need 2n model copies)")
         return self

@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     REFUSED_BUDGET = 3  # estimated memory need exceeds memory_budget_mb; nothing was loaded
     OVER_BUDGET = 4  # RSS passed memory_budget_mb mid-session; stopped cleanly after the step
     DIVERGED = 5  # too many non-finite losses in a row; stopped, nothing bad logged
+    BAD_LOG = 6  # the checkpoint log does not verify (replay differs from its hashes); nothing was trained
 
 
 class TrainingJob(BaseModel):

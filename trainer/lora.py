@@ -25,13 +25,17 @@ class LoraSpec:
     targets: str  # LoraTargets value
     layers: int | None  # top N decoder layers, None = all
     seed: int  # A-matrix init seed
+    fa: bool = False  # LoRA-FA: A frozen, only B trained
 
     @classmethod
     def from_config(cls, cfg: TrainerConfig) -> "LoraSpec":
-        return cls(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.value, cfg.lora_layers, cfg.lora_seed)
+        return cls(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.value, cfg.lora_layers, cfg.lora_seed, cfg.lora_fa)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.fa:
+            del d["fa"]  # specs written before LoRA-FA existed stay equal
+        return d
 
 
 class LoraLinear(nn.Module):
@@ -47,10 +51,21 @@ class LoraLinear(nn.Module):
         a.uniform_(-bound, bound, generator=generator)
         self.lora_A = nn.Parameter(a, requires_grad=False)  # [r, in]
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank), requires_grad=False)  # [out, r]
+        # Batched perturbations (trainer.multi): P adapter copies, the batch split into P equal parts.
+        self.copies: tuple[torch.Tensor, torch.Tensor] | None = None  # A [P, r, in], B [P, out, r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        if self.copies is not None:
+            return self.base(x) + (self.scale * self._copies_delta(x)).to(x.dtype)
         delta = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
         return self.base(x) + (self.scale * delta).to(x.dtype)
+
+    def _copies_delta(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.copies  # type: ignore[misc]  # [P, r, in], [P, out, r]
+        p = a.shape[0]
+        xs = x.to(a.dtype).reshape(p, -1, x.shape[-1])  # [P, (B/P)*T, in]: copy i sees rows i*B/P..
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))  # [P, (B/P)*T, out]
+        return delta.reshape(*x.shape[:-1], b.shape[1])
 
     def merged_weight(self) -> torch.Tensor:
         return self.base.weight + (self.scale * (self.lora_B @ self.lora_A)).to(self.base.weight.dtype)

@@ -29,6 +29,21 @@ class Batch:
 
 
 @torch.inference_mode()
+def head_loss_sum(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                  chunk_tokens: int) -> tuple[float, int]:
+    """Summed cross-entropy of the LM head on final hidden states [b, T, H] against ids [b, T]."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b*(T-1), H]
+    targets = ids[:, 1:].reshape(-1)  # [b*(T-1)]
+    keep = mask[:, 1:].reshape(-1).bool()
+    h, targets = h[keep], targets[keep]  # [N, H], [N]
+    total = 0.0
+    for c in range(0, targets.shape[0], chunk_tokens):
+        logits = head(h[c : c + chunk_tokens]).float()  # [n, V]: the only logits alive at once
+        total += float(F.cross_entropy(logits, targets[c : c + chunk_tokens], reduction="sum"))
+    return total, int(targets.shape[0])
+
+
+@torch.inference_mode()
 def loss_sum(model: nn.Module, batch: Batch, *, micro_batch: int, chunk_tokens: int) -> tuple[float, int]:
     """Summed next-token cross-entropy over the batch and the number of target tokens."""
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
@@ -39,14 +54,9 @@ def loss_sum(model: nn.Module, batch: Batch, *, micro_batch: int, chunk_tokens: 
         ids = batch.input_ids[start : start + micro_batch]  # [b, T]
         mask = batch.attention_mask[start : start + micro_batch]  # [b, T]
         hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [b, T, H]
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [b*(T-1), H]
-        targets = ids[:, 1:].reshape(-1)  # [b*(T-1)]
-        keep = mask[:, 1:].reshape(-1).bool()
-        h, targets = h[keep], targets[keep]  # [N, H], [N]
-        for c in range(0, targets.shape[0], chunk_tokens):
-            logits = head(h[c : c + chunk_tokens]).float()  # [n, V]: the only logits alive at once
-            total += float(F.cross_entropy(logits, targets[c : c + chunk_tokens], reduction="sum"))
-        count += int(targets.shape[0])
+        s, n = head_loss_sum(head, hidden, ids, mask, chunk_tokens)
+        total += s
+        count += n
     return total, count
 
 

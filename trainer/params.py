@@ -42,14 +42,17 @@ class TrainableSet:
                 t.copy_(s)
 
 
-def trainable_set(model: nn.Module, trainable: Trainable) -> TrainableSet:
-    """LoRA: every adapter's A then B, by module path. Full: every distinct parameter (tied ones once)."""
+def trainable_set(model: nn.Module, trainable: Trainable, *, lora_fa: bool = False) -> TrainableSet:
+    """LoRA: every adapter's A then B (only B with `lora_fa`), by module path. Full: every distinct parameter."""
     if trainable is Trainable.LORA:
         mods = lora_modules(model)
         names, tensors = [], []
         for path in sorted(mods):
-            names += [f"{path}.lora_A", f"{path}.lora_B"]
-            tensors += [mods[path].lora_A.data, mods[path].lora_B.data]
+            if not lora_fa:
+                names.append(f"{path}.lora_A")
+                tensors.append(mods[path].lora_A.data)
+            names.append(f"{path}.lora_B")
+            tensors.append(mods[path].lora_B.data)
         return TrainableSet(tuple(names), tuple(tensors))
     named = list(model.named_parameters())  # deduplicates tied parameters
     return TrainableSet(tuple(n for n, _ in named), tuple(p.data for _, p in named))

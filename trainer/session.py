@@ -17,19 +17,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from store import Checkpoint, Status, StepRecord, Store
 
+from .actcache import ActivationCache
 from .budget import estimate_need_mb, rss_mb
-from .config import LrSchedule, TrainerConfig
+from .config import LrSchedule, TrainerConfig, activation_cache_dir
 from .data import BatchSampler, collate, items_for, pad_id_of
 from .errors import NoTrainingData, OverBudget
 from .evaluate import EvalResult, eval_items, evaluate
 from .job import ExitCode, Phase, SessionStatus, TrainingJob
 from .loss import mean_loss
+from .multi import estimate_batched
+from .prefix import Parts, PrefixUnsupported, batch_prefixes, first_trainable_layer, suffix_mean_loss
 from .replay import Spec, estimator_dict, prepare_model, replay
+from .stepsize import StepSizer
 from .zo import Restore, apply_update, estimate, f32
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,7 @@ class SessionOutcome:
     val_loss: float | None = None
     parent_val_loss: float | None = None
     peak_rss_mb: float = 0.0
+    step_backoffs: int = 0  # times the divergence guard halved the step size
 
     @property
     def exit_code(self) -> ExitCode:
@@ -135,7 +141,8 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
     on_status(status)
     start_from = resumed.id if resumed else (current.id if current else None)
     if start_from is not None:
-        n = replay(store, params, start_from, base.fingerprint)
+        # Every stored hash of the chain is compared: a log that does not verify is never trained on.
+        n = replay(store, params, start_from, base.fingerprint, verify=True)
         log.info("replayed %d steps of checkpoint %d", n, start_from)
     pad = pad_id_of(tok)
     kw = dict(micro_batch=cfg.micro_batch_size, chunk_tokens=cfg.loss_chunk_tokens)
@@ -148,25 +155,28 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
     parent_eval: EvalResult | None = None
     if resumed is None:
         parent_eval = eval_now()
-        ck_id = store.log.create(
-            parent_id=current.id if current else None, method=cfg.method.value,
-            base_fingerprint=base.fingerprint, spec=spec.to_dict(), estimator=estimator_dict(cfg),
-            torch_version=torch.__version__,
-        )
-        store.log.add_hash(ck_id, 0, params.sha256())
+        with store.db.atomic():  # one transaction: a kill never leaves a candidate without its hash and parent loss
+            ck_id = store.log.create(
+                parent_id=current.id if current else None, method=cfg.method.value,
+                base_fingerprint=base.fingerprint, spec=spec.to_dict(), estimator=estimator_dict(cfg),
+                torch_version=torch.__version__,
+            )
+            store.log.add_hash(ck_id, 0, params.sha256())
+            if parent_eval is not None:
+                store.log.set_status(ck_id, Status.CANDIDATE, parent_val_loss=parent_eval.loss)
         step = 0
     else:
         ck_id, step = resumed.id, resumed.n_steps
         parent_eval = None if resumed.parent_val_loss is None else EvalResult(resumed.parent_val_loss, 0, 0)
         if parent_eval is None:
             log.info("resuming candidate %d: its parent's validation loss is re-measured at the end", ck_id)
-    if parent_eval is not None:
-        store.log.set_status(ck_id, Status.CANDIDATE, parent_val_loss=parent_eval.loss)
     chain_steps = sum(c.n_steps for c in store.log.chain(ck_id))
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     rng = random.Random(seed)
     sampler = BatchSampler(train_items, store.docs.trained_counts(), cfg.batch_size, rng.getrandbits(63))
     restore = Restore(estimator_dict(cfg)["restore"])
+    zo_step = _step_plan(model, params, base.fingerprint, job)
+    sizer = StepSizer(cfg.step_rule, cfg.divergence_guard)
     outcome = SessionOutcome(ck_id, 0, EndReason.STOPPED)
     status.phase, status.checkpoint_id, status.total_steps = Phase.TRAINING, ck_id, chain_steps
     on_status(status)
@@ -185,7 +195,7 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
         items = sampler.next()
         batch = collate(items, pad)
         seeds = [rng.getrandbits(63) for _ in range(cfg.n_perturbations)]
-        res = estimate(params, lambda: mean_loss(model, batch, **kw), seeds, cfg.eps, restore)
+        res = zo_step(batch, seeds, restore)
         if not res.finite:
             outcome.skipped_nonfinite += 1
             nonfinite_run += 1
@@ -196,8 +206,8 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
                 break
             continue
         nonfinite_run = 0
-        lr = lr_at(cfg, chain_steps)
-        apply_update(params, seeds, res.grads, lr)
+        lr = f32(sizer.lr(lr_at(cfg, chain_steps), res.grads))
+        apply_update(params, seeds, res.grads, lr, cfg.perturbation)
         sha = params.sha256() if (step + 1) % cfg.hash_every == 0 else None
         rec = StepRecord(step, tuple(seeds), res.grads, lr, res.loss, tuple(sorted({it.document_id for it in items})))
         with store.db.atomic():
@@ -208,6 +218,10 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
         outcome.steps += 1
         outcome.loss_first = res.loss if outcome.loss_first is None else outcome.loss_first
         outcome.loss_last = res.loss
+        if sizer.observe(res.loss):
+            outcome.step_backoffs = sizer.backoffs
+            log.warning("step %d: training loss rose above the session's start: step size halved (x%g)",
+                        step, sizer.scale)
         rss = rss_mb()
         outcome.peak_rss_mb = max(outcome.peak_rss_mb, rss)
         s_per_step = (time.monotonic() - t_loop) / outcome.steps
@@ -229,6 +243,41 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
         return outcome
     _gate(store, ck_id, eval_now, parent_eval, current, outcome, status, on_status, job)
     return outcome
+
+
+def _step_plan(model, params, fingerprint: str, job: TrainingJob) -> Callable[[Any, list[int], Restore], Any]:  # type: ignore[no-untyped-def]
+    """(batch, seeds, restore) -> StepResult: the ZO estimate with the shared frozen prefix (and its
+    activation cache) when the trainable tensors allow it, batched over perturbations if configured."""
+    cfg: TrainerConfig = job.trainer
+    kw = dict(micro_batch=cfg.micro_batch_size, chunk_tokens=cfg.loss_chunk_tokens)
+    first = first_trainable_layer(model, params.tensors) if cfg.prefix_sharing else 0
+    parts = None
+    if first > 0 or cfg.batched_perturbations:
+        try:
+            parts = Parts.of(model)
+        except PrefixUnsupported as e:
+            log.warning("prefix sharing and batched perturbations off: %s", e)
+    if parts is None:
+        return lambda batch, seeds, restore: estimate(
+            params, lambda: mean_loss(model, batch, **kw), seeds, cfg.eps, restore, cfg.perturbation)
+    cache = None
+    if cfg.activation_cache_mb > 0 and first > 0:
+        hidden = int(parts.head.weight.shape[1])  # [V, H]
+        cache = ActivationCache(activation_cache_dir(job.cache_dir), fingerprint, first, parts.head.weight.dtype,
+                                hidden, cfg.activation_cache_mb * 2**20)
+    log.info("frozen prefix: layers 0..%d run once per step%s%s", first - 1,
+             f"; activation cache {cfg.activation_cache_mb} MiB ({len(cache)} windows)" if cache else "",
+             "; perturbations batched" if cfg.batched_perturbations else "")
+
+    def step(batch: Any, seeds: list[int], restore: Restore) -> Any:
+        prefixes = batch_prefixes(parts, batch, first, cfg.micro_batch_size, cache)
+        if cfg.batched_perturbations:
+            return estimate_batched(model, params, parts, prefixes, seeds, cfg.eps, cfg.perturbation,
+                                    cfg.loss_chunk_tokens)
+        return estimate(params, lambda: suffix_mean_loss(parts, prefixes, cfg.loss_chunk_tokens), seeds, cfg.eps,
+                        restore, cfg.perturbation)
+
+    return step
 
 
 def _gate(store, ck_id, eval_now, parent_eval, current, outcome, status, on_status, job) -> None:  # type: ignore[no-untyped-def]

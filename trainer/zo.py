@@ -1,8 +1,8 @@
 """The zeroth-order step (MeZO / central-difference SPSA with the seed trick). Pure: no I/O.
 
-For trainable tensors theta and a seed s, z ~ N(0, I) comes from a private
-torch.Generator seeded with s (never the global RNG), drawn tensor by tensor in
-the TrainableSet's fixed order. One step with seeds s_1..s_n on one batch:
+For trainable tensors theta and a seed s, z ~ N(0, I) (or Rademacher, +-1) comes
+from a private torch.Generator seeded with s (never the global RNG), drawn tensor
+by tensor in the TrainableSet's fixed order. One step with seeds s_1..s_n on one batch:
 
     g_i = (L(theta + eps z_i) - L(theta - eps z_i)) / (2 eps)      (rounded to float32, as logged)
     theta <- theta - (lr / n) * sum_i g_i z_i
@@ -25,7 +25,10 @@ from enum import Enum
 
 import torch
 
+from .config import Perturbation
 from .params import TrainableSet
+
+GAUSSIAN = Perturbation.GAUSSIAN
 
 
 class Restore(str, Enum):
@@ -37,12 +40,19 @@ def f32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32).item())
 
 
+def draw(shape: torch.Size, gen: torch.Generator, dist: Perturbation) -> torch.Tensor:
+    """One tensor of z (float32) from the generator."""
+    if dist is Perturbation.RADEMACHER:
+        return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
+    return torch.randn(shape, generator=gen, dtype=torch.float32)
+
+
 @torch.no_grad()
-def perturb(params: TrainableSet, seed: int, scale: float) -> None:
+def perturb(params: TrainableSet, seed: int, scale: float, dist: Perturbation = GAUSSIAN) -> None:
     """theta += scale * z(seed), z drawn tensor by tensor from a private generator."""
     gen = torch.Generator().manual_seed(seed)
     for t in params.tensors:
-        z = torch.randn(t.shape, generator=gen, dtype=torch.float32)  # same shape as t
+        z = draw(t.shape, gen, dist)  # same shape as t
         t.add_(z.to(t.dtype), alpha=scale)
 
 
@@ -61,7 +71,8 @@ class StepResult:
 
 
 def estimate(
-    params: TrainableSet, loss_fn: Callable[[], float], seeds: Sequence[int], eps: float, restore: Restore
+    params: TrainableSet, loss_fn: Callable[[], float], seeds: Sequence[int], eps: float, restore: Restore,
+    dist: Perturbation = GAUSSIAN,
 ) -> StepResult:
     """Evaluate the projected gradients for `seeds` at theta; theta is restored afterwards."""
     saved = params.snapshot() if restore is Restore.SNAPSHOT else None
@@ -69,18 +80,18 @@ def estimate(
     plus: list[float] = []
     minus: list[float] = []
     for seed in seeds:
-        perturb(params, seed, eps)
+        perturb(params, seed, eps, dist)
         lp = loss_fn()
         if saved is not None:
             params.restore(saved)
-            perturb(params, seed, -eps)
+            perturb(params, seed, -eps, dist)
         else:
-            perturb(params, seed, -2 * eps)
+            perturb(params, seed, -2 * eps, dist)
         lm = loss_fn()
         if saved is not None:
             params.restore(saved)
         else:
-            perturb(params, seed, eps)
+            perturb(params, seed, eps, dist)
         plus.append(lp)
         minus.append(lm)
         if not (math.isfinite(lp) and math.isfinite(lm)):
@@ -89,20 +100,22 @@ def estimate(
     return StepResult(tuple(grads), tuple(plus), tuple(minus), True)
 
 
-def apply_update(params: TrainableSet, seeds: Sequence[int], grads: Sequence[float], lr: float) -> None:
+def apply_update(params: TrainableSet, seeds: Sequence[int], grads: Sequence[float], lr: float,
+                 dist: Perturbation = GAUSSIAN) -> None:
     """theta <- theta - (lr / n) * sum_i g_i z_i: the step's update, and all that replay does."""
     n = len(seeds)
     for seed, g in zip(seeds, grads):
-        perturb(params, seed, -lr * g / n)
+        perturb(params, seed, -lr * g / n, dist)
 
 
 def replay_step(
-    params: TrainableSet, seeds: Sequence[int], grads: Sequence[float], lr: float, eps: float, restore: Restore
+    params: TrainableSet, seeds: Sequence[int], grads: Sequence[float], lr: float, eps: float, restore: Restore,
+    dist: Perturbation = GAUSSIAN,
 ) -> None:
     """Redo a logged step's arithmetic exactly as training did it."""
     if restore is Restore.DANCE:
         for seed in seeds:
-            perturb(params, seed, eps)
-            perturb(params, seed, -2 * eps)
-            perturb(params, seed, eps)
-    apply_update(params, seeds, grads, lr)
+            perturb(params, seed, eps, dist)
+            perturb(params, seed, -2 * eps, dist)
+            perturb(params, seed, eps, dist)
+    apply_update(params, seeds, grads, lr, dist)

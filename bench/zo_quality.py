@@ -1,0 +1,377 @@
+"""Held-out quality per wall-clock budget: LoRA-AdamW vs textbook LoRA-MeZO vs pocketd's default (issue 6).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/zo_quality.py [--minutes 10] [--eval-windows 128]
+        [--variant NAME='{"lr": 1e-3, ...}' ...] [--only adamw,textbook,pocketd,step-cost]
+
+One command, one run. Ingests ../shared/data/til-notes-2020-2023.jsonl into a
+temporary store; the store splits train / validation *by note* (a note's windows are
+all on one side). Then, each in a fresh process so peak RSS is its own:
+
+- adamw: LoRA-AdamW (rank 8, attention, all layers, lr --adamw-lr), backprop, the
+  reference a user would pick instead;
+- textbook: LoRA-MeZO as the MeZO paper sets it (rank 8, attention, all layers,
+  lr 1e-4, eps 1e-2, Gaussian z, plain SGD rule, no prefix sharing, no guard),
+  through pocketd's own session;
+- pocketd: pocketd's default TrainerConfig through its own session;
+- any --variant: the default TrainerConfig with the given fields changed;
+- step-cost: one ZO step in units of one full forward (bs 8, seq 128), measured
+  interleaved in one process: textbook, prefix sharing (n = 1), prefix sharing
+  with every window's activations cached, and n = 4 directions sequentially.
+
+Every training run gets the same wall-clock budget, counted from before the model
+loads (as a daemon session is), the same seed (same batch order) and the same
+held-out windows (the first --eval-windows validation windows). Prints a table:
+steps, s/step, step cost in full forwards, peak RSS, perplexity before/after and
+gain, and each method's gain over LoRA-AdamW's gain in the same run. Writes
+bench/results/zo_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import trainer_bench as tb  # noqa: E402  (RSS sampler, store copy, ingest)
+
+DEFAULT_JSON = tb.RESULTS / "zo_quality.json"
+TEXTBOOK = {"lr": 1e-4, "eps": 1e-2, "lora_layers": None, "lora_fa": False, "lora_targets": "attention",
+            "lora_rank": 8, "perturbation": "gaussian", "step_rule": "sgd", "prefix_sharing": False,
+            "divergence_guard": False, "n_perturbations": 1, "lr_schedule": "constant"}
+ADAMW_SPEC = {"lora_layers": None, "lora_fa": False, "lora_targets": "attention", "lora_rank": 8}
+
+
+def config(a: dict[str, Any], **fields: Any) -> Any:
+    from trainer.config import TrainerConfig
+
+    return TrainerConfig(seq_len=a["seq"], seed=a["seed"], batch_size=a["batch_size"],
+                         eval_examples=a["eval_windows"], **fields)
+
+
+def full_forward_s(model: Any, batch: Any, cfg: Any, k: int = 3) -> float:
+    from trainer.loss import mean_loss
+
+    kw = {"micro_batch": cfg.micro_batch_size, "chunk_tokens": cfg.loss_chunk_tokens}
+    mean_loss(model, batch, **kw)
+    times = []
+    for _ in range(k):
+        t0 = time.perf_counter()
+        mean_loss(model, batch, **kw)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fixed_batch(a: dict[str, Any], tokenizer: Any, store_path: str, n: int, offset: int = 0) -> Any:
+    import random
+
+    from store import Store
+    from trainer.data import collate, items_for, pad_id_of
+
+    with Store.open(store_path) as store:
+        items = [it for it in items_for(store, tokenizer, "train", a["seq"]) if len(it.ids) == a["seq"]]
+    chosen = random.Random(a["seed"] + offset).sample(items, n)
+    return collate(chosen, pad_id_of(tokenizer))
+
+
+def private_cache(a: dict[str, Any]) -> Path:
+    """A cache dir of this worker's own (empty activation cache: every run starts cold, as a first
+    session would) that shares the converted model of the common cache."""
+    shared = Path(a["cache_dir"])
+    own = Path(a["work_dir"]) / f"cache-{os.getpid()}"
+    own.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in ("models", "file-hashes.json"):
+        if (shared / name).exists() and not (own / name).exists():
+            (own / name).symlink_to(shared / name)
+    return own
+
+
+def worker_session(a: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """pocketd's own session for the budget, its gate's evaluations as before/after."""
+    from trainer.job import SessionStatus, TrainingJob
+    from trainer.model import load_base
+    from trainer.session import run_session
+
+    db = tb.copy_store(a["store"], Path(a["work_dir"]) / f"s{os.getpid()}" / "store.db")
+    cfg = config(a, **fields)
+    job = TrainingJob(database=db, cache_dir=private_cache(a), trainer=cfg, memory_budget_mb=65536,
+                      max_minutes=a["minutes"], evaluate=True)
+    training_at, last_step = [0.0], [0.0]
+    losses: list[float] = []
+
+    def on_status(st: SessionStatus) -> None:
+        if st.phase == "training" and not training_at[0]:
+            training_at[0] = time.monotonic()
+        if st.phase == "training" and st.step and st.loss is not None and len(losses) < st.step:
+            losses.append(st.loss)
+            last_step[0] = time.monotonic()
+
+    sampler = tb.RssSampler()
+    with sampler.window() as w:
+        outcome = run_session(job, threading.Event(), on_status)
+    train_s = last_step[0] - training_at[0] if outcome.steps else 0.0
+    s_per_step = train_s / outcome.steps if outcome.steps else None
+    base = load_base(cfg.model, Path(a["cache_dir"]), cfg.dtype)
+    fwd = full_forward_s(base.model, fixed_batch(a, base.tokenizer, a["store"], cfg.batch_size), cfg)
+    before, after = outcome.parent_val_loss, outcome.val_loss
+    from store import Store
+
+    with Store.open(db) as store:
+        recs = list(store.log.steps(outcome.checkpoint_id)) if outcome.checkpoint_id else []
+    grads = [abs(g) for r in recs for g in r.grads]
+    return {"median_abs_grad": statistics.median(grads) if grads else None,
+            "lr_first_last": [recs[0].lr, recs[-1].lr] if recs else None,
+            "config": {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.model_dump().items()},
+            "steps": outcome.steps, "end_reason": outcome.end_reason.value, "step_backoffs": outcome.step_backoffs,
+            "skipped_nonfinite": outcome.skipped_nonfinite, "promoted": outcome.promoted,
+            "s_per_step": s_per_step, "forward_s": fwd,
+            "step_cost": s_per_step / fwd if s_per_step else None,
+            "loss_before": before, "loss_after": after,
+            "ppl_before": math.exp(before) if before is not None else None,
+            "ppl_after": math.exp(after) if after is not None else None,
+            "train_loss_first10": statistics.fmean(losses[:10]) if losses else None,
+            "train_loss_by_tenth": [statistics.fmean(losses[i * len(losses) // 10:(i + 1) * len(losses) // 10])
+                                    for i in range(10)] if len(losses) >= 10 else None,
+            "train_loss_last10": statistics.fmean(losses[-10:]) if losses else None,
+            "peak_rss_mib": w["peak"] / tb.MIB}
+
+
+def worker_adamw(a: dict[str, Any]) -> dict[str, Any]:
+    """LoRA-AdamW with the same budget accounting, batches and held-out windows as the sessions."""
+    import random
+
+    from store import Store
+    from trainer.data import BatchSampler, collate, items_for, pad_id_of
+    from trainer.evaluate import eval_items, evaluate
+    from trainer.lora import lora_modules
+    from trainer.model import load_base
+    from trainer.replay import Spec, prepare_model
+
+    import torch
+
+    sampler = tb.RssSampler()
+    deadline = time.monotonic() + a["minutes"] * 60
+    cfg = config(a, **ADAMW_SPEC)
+    db = tb.copy_store(a["store"], Path(a["work_dir"]) / "adamw" / "store.db")
+    with sampler.window() as w:
+        base = load_base(cfg.model, Path(a["cache_dir"]), cfg.dtype)
+        tok, model = base.tokenizer, base.model
+        with Store.open(db) as store:
+            train_items = items_for(store, tok, "train", cfg.seq_len)
+            val_items = eval_items(items_for(store, tok, "validation", cfg.seq_len), cfg.eval_examples)
+            counts = store.docs.trained_counts()
+        prepare_model(model, Spec.from_config(cfg))
+        params = [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=a["adamw_lr"])
+        pad = pad_id_of(tok)
+        kw = {"micro_batch": cfg.micro_batch_size, "chunk_tokens": cfg.loss_chunk_tokens}
+        before = evaluate(model, val_items, pad_id=pad, batch_size=cfg.batch_size, **kw)
+        rng = random.Random(cfg.seed)  # the session's first draw seeds its sampler: same batch order
+        batches = BatchSampler(train_items, counts, cfg.batch_size, rng.getrandbits(63))
+        steps, t_loop = 0, time.monotonic()
+        while time.monotonic() < deadline:
+            tb.adamw_step(model, opt, collate(batches.next(), pad))
+            steps += 1
+        train_s = time.monotonic() - t_loop
+        after = evaluate(model, val_items, pad_id=pad, batch_size=cfg.batch_size, **kw)
+    fwd = full_forward_s(model, fixed_batch(a, tok, a["store"], cfg.batch_size), cfg)
+    return {"config": {"adamw_lr": a["adamw_lr"], **ADAMW_SPEC}, "steps": steps, "s_per_step": train_s / max(steps, 1),
+            "forward_s": fwd, "step_cost": train_s / max(steps, 1) / fwd,
+            "loss_before": before.loss, "loss_after": after.loss, "ppl_before": before.perplexity,
+            "ppl_after": after.perplexity, "peak_rss_mib": w["peak"] / tb.MIB}
+
+
+def worker_step_cost(a: dict[str, Any]) -> dict[str, Any]:
+    """Median seconds of one ZO step (the session's own step function) over one full forward, interleaved."""
+    from trainer.job import TrainingJob
+    from trainer.loss import mean_loss
+    from trainer.model import load_base
+    from trainer.replay import Spec, prepare_model
+    from trainer.session import _step_plan
+    from trainer.zo import Restore
+
+    out: dict[str, Any] = {}
+    k = a["cost_repeats"]
+    for label, fields in (("textbook", TEXTBOOK), ("default", {}), ("default n=4", {"n_perturbations": 4}),
+                          ("default n=4 batched", {"n_perturbations": 4, "batched_perturbations": True}),
+                          ("default batched", {"batched_perturbations": True})):
+        cfg = config(a, **fields)
+        base = load_base(cfg.model, Path(a["cache_dir"]), cfg.dtype)
+        model = base.model
+        params = prepare_model(model, Spec.from_config(cfg))
+        batches = [fixed_batch(a, base.tokenizer, a["store"], cfg.batch_size, offset=i) for i in range(k)]
+        kw = {"micro_batch": cfg.micro_batch_size, "chunk_tokens": cfg.loss_chunk_tokens}
+        cache_dir = Path(a["work_dir"]) / f"cost-{label.replace(' ', '-')}"
+
+        def plan(cache_mb: int) -> Any:
+            job = TrainingJob(database=Path(a["store"]), cache_dir=cache_dir, memory_budget_mb=65536,
+                              trainer=cfg.model_copy(update={"activation_cache_mb": cache_mb}))
+            return _step_plan(model, params, "bench", job)
+
+        plain_step, cached_step = plan(0), plan(4096)
+        seeds = list(range(cfg.n_perturbations))
+
+        def timed(step: Any, batch: Any) -> float:
+            t0 = time.perf_counter()
+            step(batch, seeds, Restore.SNAPSHOT)
+            return time.perf_counter() - t0
+
+        timed(plain_step, batches[0])  # warm-up
+        fwd, plain, cold, warm = [], [], [], []
+        for b in batches:  # interleaved: forward, step, step filling the cache, step reading it
+            t0 = time.perf_counter()
+            mean_loss(model, b, **kw)
+            fwd.append(time.perf_counter() - t0)
+            plain.append(timed(plain_step, b))
+            cold.append(timed(cached_step, b))
+            warm.append(timed(cached_step, b))
+        f = statistics.median(fwd)
+        cached = any(cache_dir.rglob("*.act"))
+        out[label] = {"forward_s": f, "step_s": statistics.median(plain), "step_cost": statistics.median(plain) / f,
+                      "n": cfg.n_perturbations, "lora_layers": cfg.lora_layers,
+                      "cached_step_cost": statistics.median(warm) / f if cached else None,
+                      "cache_filling_step_cost": statistics.median(cold) / f if cached else None}
+    return out
+
+
+def run_worker(name: str, a: dict[str, Any]) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    if name == "adamw":
+        result = worker_adamw(a)
+    elif name == "step-cost":
+        result = worker_step_cost(a)
+    elif name == "textbook":
+        result = worker_session(a, TEXTBOOK)
+    else:
+        result = worker_session(a, a["variants"].get(name, {}))
+    print(json.dumps(result), flush=True)
+
+
+def spawn(name: str, a: dict[str, Any], log_dir: Path) -> dict[str, Any]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT),
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--settings", json.dumps(a)]
+    log_path = log_dir / f"zo_quality-{name}.log"
+    t0 = time.monotonic()
+    with log_path.open("w", encoding="utf-8") as err:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    result = json.loads(lines[-1])
+    result["worker_wall_s"] = round(time.monotonic() - t0, 1)
+    return result
+
+
+def gain_pct(r: dict[str, Any]) -> float | None:
+    if r.get("ppl_before") is None or r.get("ppl_after") is None:
+        return None
+    return 100.0 * (1.0 - r["ppl_after"] / r["ppl_before"])
+
+
+def fmt(x: Any, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(results: dict[str, dict[str, Any]]) -> str:
+    ref = gain_pct(results.get("adamw", {}))
+    rows = [("method", "steps", "s/step", "step cost (fwd)", "peak RSS MiB", "ppl before", "ppl after", "gain %",
+             "gain / AdamW's", "RSS / AdamW's")]
+    adamw_rss = results.get("adamw", {}).get("peak_rss_mib")
+    for name, r in results.items():
+        if name == "step-cost" or "error" in r:
+            continue
+        g = gain_pct(r)
+        rows.append((name, str(r["steps"]), fmt(r["s_per_step"], ".2f"), fmt(r["step_cost"], ".2f"),
+                     fmt(r["peak_rss_mib"], ".0f"), fmt(r["ppl_before"]), fmt(r["ppl_after"]), fmt(g, "+.2f"),
+                     fmt(g / ref if g is not None and ref else None, ".3f"),
+                     fmt(r["peak_rss_mib"] / adamw_rss if adamw_rss else None, ".3f")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+    cost = results.get("step-cost")
+    if cost and "error" not in cost:
+        text += "\n\nZO step cost in full forwards (bs %d, seq %d), medians interleaved in one process:" % (
+            ARGS["batch_size"], ARGS["seq"])
+        for label, c in cost.items():
+            if not isinstance(c, dict):
+                continue
+            text += (f"\n  {label:20s} step {c['step_cost']:.2f}  (n={c['n']}, lora_layers={c['lora_layers']})"
+                     + (f"  cached activations {c['cached_step_cost']:.2f}  filling the cache {c['cache_filling_step_cost']:.2f}"
+                        if c["cached_step_cost"] is not None else ""))
+    for name, r in results.items():
+        if "error" in r:
+            text += f"\n{name} FAILED: {r['error']}"
+    return text
+
+
+ARGS: dict[str, Any] = {}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per method (default 10)")
+    p.add_argument("--eval-windows", type=int, default=128, help="held-out validation windows (default 128)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--adamw-lr", type=float, default=1e-4)
+    p.add_argument("--cost-repeats", type=int, default=5)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                   help="extra session: the default TrainerConfig with these fields (repeatable)")
+    p.add_argument("--only", help="comma-separated subset of: adamw, textbook, pocketd, step-cost, variant names")
+    p.add_argument("--cache-dir", default=str(tb.DEFAULT_CACHE), help="model cache (GGUF converted once)")
+    p.add_argument("--json", default=str(DEFAULT_JSON))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--settings", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        run_worker(args.worker, json.loads(args.settings))
+        return
+    variants = {}
+    for v in args.variant:
+        name, _, body = v.partition("=")
+        variants[name] = json.loads(body)
+    names = ["adamw", "textbook", "pocketd", *variants, "step-cost"]
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    log_dir = json_path.parent / "logs"
+    log_dir.mkdir(exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="zo_quality.") as tmp:
+        store = Path(tmp) / "store.db"
+        ingested = tb.ingest_store(store)
+        print(f"ingested {ingested}", file=sys.stderr)
+        ARGS.update(store=str(store), work_dir=tmp, cache_dir=str(Path(args.cache_dir).resolve()),
+                    minutes=args.minutes, eval_windows=args.eval_windows, batch_size=args.batch_size, seq=args.seq,
+                    seed=args.seed, adamw_lr=args.adamw_lr, cost_repeats=args.cost_repeats, variants=variants)
+        for name in names:
+            t0 = time.monotonic()
+            results[name] = spawn(name, ARGS, log_dir)
+            print(f"{name}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+            json_path.write_text(json.dumps({"args": {k: v for k, v in ARGS.items() if k not in ("store", "work_dir")},
+                                             "ingested": ingested, "results": results}, indent=2))
+    print(render(results))
+    print(f"\nwrote {json_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
