@@ -1,7 +1,7 @@
-"""Held-out quality per wall-clock budget: LoRA-AdamW vs textbook LoRA-MeZO vs pocketd's default (issue 6).
+"""Held-out quality per wall-clock budget: LoRA-AdamW vs textbook LoRA-MeZO vs pocketd's methods (issues 6, 7).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/zo_quality.py [--minutes 10] [--eval-windows 128]
-        [--variant NAME='{"lr": 1e-3, ...}' ...] [--only adamw,textbook,pocketd,step-cost]
+        [--variant NAME='{"lr": 1e-3, ...}' ...] [--only adamw,textbook,pocketd,side,step-cost,side-epochs]
 
 One command, one run. Ingests ../shared/data/til-notes-2020-2023.jsonl into a
 temporary store; the store splits train / validation *by note* (a note's windows are
@@ -12,11 +12,16 @@ all on one side). Then, each in a fresh process so peak RSS is its own:
 - textbook: LoRA-MeZO as the MeZO paper sets it (rank 8, attention, all layers,
   lr 1e-4, eps 1e-2, Gaussian z, plain SGD rule, no prefix sharing, no guard),
   through pocketd's own session;
-- pocketd: pocketd's default TrainerConfig through its own session;
+- pocketd: pocketd's default TrainerConfig (method mezo) through its own session;
+- side: the default TrainerConfig with method = "side" (AdamW on a small part above
+  cached frozen activations), through its own session;
 - any --variant: the default TrainerConfig with the given fields changed;
 - step-cost: one ZO step in units of one full forward (bs 8, seq 128), measured
   interleaved in one process: textbook, prefix sharing (n = 1), prefix sharing
-  with every window's activations cached, and n = 4 directions sequentially.
+  with every window's activations cached, and n = 4 directions sequentially;
+- side-epochs: the side method's training time over the same --epoch-batches batches
+  twice, for each side part: epoch 1 runs the backbone and fills the activation
+  cache, epoch 2 reads it.
 
 Every training run gets the same wall-clock budget, counted from before the model
 loads (as a daemon session is), the same seed (same batch order) and the same
@@ -248,6 +253,51 @@ def worker_step_cost(a: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def worker_side_epochs(a: dict[str, Any]) -> dict[str, Any]:
+    """The side method's step time over the same examples twice: epoch 1 fills the activation cache
+    (the backbone runs), epoch 2 reads it (only the trained part, the head and its backward run)."""
+    from trainer.job import TrainingJob
+    from trainer.model import load_base
+    from trainer.prefix import Parts, batch_prefixes
+    from trainer.actcache import ActivationCache
+    from trainer.backprop import loss_backward
+    from trainer.side import SideSpec, attach_side
+
+    import torch
+
+    out: dict[str, Any] = {}
+    for part in ("adapters", "mlp"):
+        cfg = config(a, method="side", side_part=part)
+        base = load_base(cfg.model, Path(a["cache_dir"]), cfg.dtype)
+        att = attach_side(base.model, SideSpec.from_config(cfg))
+        leaves = att.train_mode(True)
+        opt = torch.optim.AdamW(leaves, lr=cfg.side_lr)
+        parts = Parts.of(base.model)
+        at = att.spec.start_layer(len(parts.layers))
+        cache = ActivationCache(Path(a["work_dir"]) / f"epochs-{part}", base.fingerprint, at,
+                                parts.head.weight.dtype, int(parts.head.weight.shape[1]), 2**32)
+        batches = [fixed_batch(a, base.tokenizer, a["store"], cfg.batch_size, offset=100 + i)
+                   for i in range(a["epoch_batches"])]
+
+        def epoch() -> float:
+            t0 = time.perf_counter()
+            for b in batches:
+                opt.zero_grad(set_to_none=True)
+                loss_backward(parts, batch_prefixes(parts, b, at, cfg.micro_batch_size, cache), cfg.loss_chunk_tokens)
+                opt.step()
+            return time.perf_counter() - t0
+
+        first = epoch()
+        hits_before = cache.hits
+        second = epoch()
+        out[part] = {"batches": len(batches), "first_s": first, "second_s": second, "ratio": second / first,
+                     "second_epoch_hits": cache.hits - hits_before, "windows": len(batches) * cfg.batch_size,
+                     "cached_mib": cache.bytes_used / 2**20}
+        att.train_mode(False)
+        del base, att, opt
+    return out
+
+
 def run_worker(name: str, a: dict[str, Any]) -> None:
     import logging
 
@@ -256,6 +306,10 @@ def run_worker(name: str, a: dict[str, Any]) -> None:
         result = worker_adamw(a)
     elif name == "step-cost":
         result = worker_step_cost(a)
+    elif name == "side-epochs":
+        result = worker_side_epochs(a)
+    elif name == "side":
+        result = worker_session(a, {"method": "side", **a["variants"].get(name, {})})
     elif name == "textbook":
         result = worker_session(a, TEXTBOOK)
     else:
@@ -293,16 +347,18 @@ def fmt(x: Any, spec: str = ".3f") -> str:
 def render(results: dict[str, dict[str, Any]]) -> str:
     ref = gain_pct(results.get("adamw", {}))
     rows = [("method", "steps", "s/step", "step cost (fwd)", "peak RSS MiB", "ppl before", "ppl after", "gain %",
-             "gain / AdamW's", "RSS / AdamW's")]
+             "gain / AdamW's", "RSS / AdamW's", "RSS / pocketd's")]
     adamw_rss = results.get("adamw", {}).get("peak_rss_mib")
+    mezo_rss = results.get("pocketd", {}).get("peak_rss_mib")
     for name, r in results.items():
-        if name == "step-cost" or "error" in r:
+        if name in ("step-cost", "side-epochs") or "error" in r:
             continue
         g = gain_pct(r)
         rows.append((name, str(r["steps"]), fmt(r["s_per_step"], ".2f"), fmt(r["step_cost"], ".2f"),
                      fmt(r["peak_rss_mib"], ".0f"), fmt(r["ppl_before"]), fmt(r["ppl_after"]), fmt(g, "+.2f"),
                      fmt(g / ref if g is not None and ref else None, ".3f"),
-                     fmt(r["peak_rss_mib"] / adamw_rss if adamw_rss else None, ".3f")))
+                     fmt(r["peak_rss_mib"] / adamw_rss if adamw_rss else None, ".3f"),
+                     fmt(r["peak_rss_mib"] / mezo_rss if mezo_rss else None, ".3f")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
     cost = results.get("step-cost")
@@ -315,6 +371,13 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             text += (f"\n  {label:20s} step {c['step_cost']:.2f}  (n={c['n']}, lora_layers={c['lora_layers']})"
                      + (f"  cached activations {c['cached_step_cost']:.2f}  filling the cache {c['cache_filling_step_cost']:.2f}"
                         if c["cached_step_cost"] is not None else ""))
+    epochs = results.get("side-epochs")
+    if epochs and "error" not in epochs:
+        text += "\n\nside method, the same examples twice (epoch 1 runs the backbone and fills the cache, epoch 2 reads it):"
+        for part, e in epochs.items():
+            text += (f"\n  {part:9s} {e['windows']} windows: epoch 1 {e['first_s']:.1f} s, epoch 2 {e['second_s']:.1f} s "
+                     f"= {100 * e['ratio']:.0f} % of epoch 1 ({e['second_epoch_hits']} cache hits, "
+                     f"{e['cached_mib']:.1f} MiB cached)")
     for name, r in results.items():
         if "error" in r:
             text += f"\n{name} FAILED: {r['error']}"
@@ -333,9 +396,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--adamw-lr", type=float, default=1e-4)
     p.add_argument("--cost-repeats", type=int, default=5)
+    p.add_argument("--epoch-batches", type=int, default=8, help="side-epochs: batches per epoch (default 8)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                    help="extra session: the default TrainerConfig with these fields (repeatable)")
-    p.add_argument("--only", help="comma-separated subset of: adamw, textbook, pocketd, step-cost, variant names")
+    p.add_argument("--only", help="comma-separated subset of: adamw, textbook, pocketd, side, step-cost, side-epochs, "
+                   "variant names")
     p.add_argument("--cache-dir", default=str(tb.DEFAULT_CACHE), help="model cache (GGUF converted once)")
     p.add_argument("--json", default=str(DEFAULT_JSON))
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -348,7 +413,8 @@ def main() -> None:
     for v in args.variant:
         name, _, body = v.partition("=")
         variants[name] = json.loads(body)
-    names = ["adamw", "textbook", "pocketd", *variants, "step-cost"]
+    names = ["adamw", "textbook", "pocketd", "side", *[v for v in variants if v != "side"], "step-cost",
+             "side-epochs"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     json_path = Path(args.json)
@@ -362,7 +428,8 @@ def main() -> None:
         print(f"ingested {ingested}", file=sys.stderr)
         ARGS.update(store=str(store), work_dir=tmp, cache_dir=str(Path(args.cache_dir).resolve()),
                     minutes=args.minutes, eval_windows=args.eval_windows, batch_size=args.batch_size, seq=args.seq,
-                    seed=args.seed, adamw_lr=args.adamw_lr, cost_repeats=args.cost_repeats, variants=variants)
+                    seed=args.seed, adamw_lr=args.adamw_lr, cost_repeats=args.cost_repeats, variants=variants,
+                    epoch_batches=args.epoch_batches)
         for name in names:
             t0 = time.monotonic()
             results[name] = spawn(name, ARGS, log_dir)

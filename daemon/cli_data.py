@@ -34,9 +34,19 @@ def _forget_checkpoints(app: AppContext, store: Store, document_ids: Sequence[in
     plan = plan_forget(store, list(document_ids))
     if not plan.affected:
         return None
+    side_current = plan.current_id in plan.side_tainted
     new_id = rebuild_without(store, plan)
-    click.echo(f"dropped {plural(plan.dropped_steps, 'training step')} that used these documents "
-               f"from {plural(len(plan.affected), 'checkpoint')}")
+    mezo = set(plan.affected) - plan.side_tainted
+    if mezo:
+        click.echo(f"dropped {plural(sum(len(plan.affected[c]) for c in mezo), 'training step')} that used these "
+                   f"documents from {plural(len(mezo), 'checkpoint')}")
+    if plan.side_tainted:
+        click.echo(f"dropped {plural(len(plan.side_tainted), 'side checkpoint')} trained on these documents "
+                   "(side tensors cannot drop single steps)")
+    if side_current:
+        click.echo(("the current checkpoint is now " + (f"checkpoint {new_id}" if new_id else "the base model"))
+                   + "; the next training session retrains the side part without these documents")
+        return None
     return new_id
 
 

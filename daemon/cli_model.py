@@ -92,11 +92,16 @@ def export(app: AppContext, merged_dir: Path | None, adapter_dir: Path | None, c
 
     if (merged_dir is None) == (adapter_dir is None):
         raise click.UsageError("give exactly one of --merged DIR and --adapter DIR")
+    side_mlp = _side_mlp(app, checkpoint_id)
+    if side_mlp is not None:
+        raise ExportError(f"checkpoint {side_mlp} trains a side MLP on the final hidden state, which a plain "
+                          "transformers model or a PEFT adapter cannot hold; `pocketd checkpoint export "
+                          f"{side_mlp} FILE` writes its tensors")
     base, ck = _load(app, checkpoint_id, base_only=False)
     info = {"checkpoint": ck.id if ck else None, "steps": ck.n_steps if ck else 0,
             "base_fingerprint": base.fingerprint, "base": base.source}
     if adapter_dir is not None:
-        spec = Spec.from_dict(ck.spec).lora if ck is not None else None
+        spec = _lora_spec(ck)
         if spec is None or not lora_modules(base.model):
             raise ExportError("--adapter needs a lora checkpoint" + (" (there is none yet)" if ck is None else
                               f"; checkpoint {ck.id} trains {ck.spec.get('trainable')}: use --merged"))
@@ -105,6 +110,28 @@ def export(app: AppContext, merged_dir: Path | None, adapter_dir: Path | None, c
     elif merged_dir is not None:
         out = export_merged(base.model, base.tokenizer, merged_dir, force=force, info=info)
         click.echo(f"{_describe(ck)}: merged model written to {out}")
+
+
+def _side_mlp(app: AppContext, checkpoint_id: int | None) -> int | None:
+    """The checkpoint's id if it is a side checkpoint of part mlp (nothing to merge or to export as PEFT)."""
+    with app.open_store() as store:
+        ck = store.log.get(checkpoint_id) if checkpoint_id is not None else store.log.current()
+    if ck is not None and ck.method == "side" and ck.spec.get("side") == "mlp":
+        return ck.id
+    return None
+
+
+def _lora_spec(ck: Any) -> Any:
+    """The LoRA spec of a checkpoint of either method, or None."""
+    if ck is None:
+        return None
+    if ck.method == "side":
+        from trainer.side import SideSpec
+
+        return SideSpec.from_dict(ck.spec).lora
+    from trainer.replay import Spec
+
+    return Spec.from_dict(ck.spec).lora
 
 
 COMMANDS = [generate, export]

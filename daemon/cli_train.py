@@ -89,7 +89,7 @@ def eval_cmd(app: AppContext, as_json: bool) -> None:
     from trainer.errors import NoTrainingData
     from trainer.evaluate import eval_items, evaluate
     from trainer.model import load_base
-    from trainer.replay import Spec, check_base, prepare_model, replay
+    from trainer.replay import apply_checkpoint
 
     cfg = app.loaded.config
     tc = cfg.trainer
@@ -103,9 +103,7 @@ def eval_cmd(app: AppContext, as_json: bool) -> None:
         rows = {"base": evaluate(base.model, items, **kw)}
         ck = store.log.current()
         if ck is not None:
-            check_base(ck, base.fingerprint)
-            params = prepare_model(base.model, Spec.from_dict(ck.spec))
-            replay(store, params, ck.id, base.fingerprint)
+            apply_checkpoint(store, base.model, ck, base.fingerprint)
             rows[f"checkpoint {ck.id}"] = evaluate(base.model, items, **kw)
     if as_json:
         click.echo(json.dumps({k: {"loss": v.loss, "perplexity": v.perplexity, "tokens": v.tokens}
@@ -166,7 +164,10 @@ def ck_verify(app: AppContext, checkpoint_id: int) -> None:
         with click.progressbar(length=max(total, 1), label="replaying", file=sys.stderr) as bar:
             _, _, ck = load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id, verify=True,
                                        progress=lambda done, _t: bar.update(1))
-    click.echo(f"checkpoint {checkpoint_id}: ok ({total} steps replayed, every stored hash matches)")
+    if ck is not None and ck.method == "side":
+        click.echo(f"checkpoint {checkpoint_id}: ok (side tensors of {ck.n_steps} steps load and match their hash)")
+    else:
+        click.echo(f"checkpoint {checkpoint_id}: ok ({total} steps replayed, every stored hash matches)")
 
 
 @checkpoint.command(name="export")
@@ -176,14 +177,17 @@ def ck_verify(app: AppContext, checkpoint_id: int) -> None:
 @pass_app
 def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool) -> None:
     """Write a checkpoint's whole chain as a compact standalone file."""
-    from trainer.checkpoints import to_file
-    from trainer.ckptfile import pack
+    from trainer import ckptfile, sidefile
+    from trainer.checkpoints import side_to_file, to_file
     from trainer.job import write_private_bytes
 
     if file.exists() and not force:
         raise click.ClickException(f"{file} exists; use --force to overwrite it")
     with app.open_store() as store:
-        data = pack(to_file(store, checkpoint_id))
+        if store.log.get(checkpoint_id).method == "side":
+            data = sidefile.pack(side_to_file(store, checkpoint_id))
+        else:
+            data = ckptfile.pack(to_file(store, checkpoint_id))
     write_private_bytes(file, data)
     click.echo(f"wrote {file}: {len(data)} bytes")
 
@@ -192,9 +196,10 @@ def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool) -> N
 @click.argument("file", type=click.Path(path_type=Path))
 @pass_app
 def ck_import(app: AppContext, file: Path) -> None:
-    """Import a checkpoint file, verify it by replay, and make it current."""
+    """Import a checkpoint file, verify it (replay, or the side tensors' hash), and make it current."""
     from store import Status
-    from trainer.checkpoints import from_file
+    from trainer import sidefile
+    from trainer.checkpoints import from_file, side_from_file
     from trainer.ckptfile import unpack
     from trainer.errors import CheckpointFileError, ReplayMismatch
     from trainer.replay import load_checkpoint
@@ -203,10 +208,13 @@ def ck_import(app: AppContext, file: Path) -> None:
         data = file.read_bytes()
     except OSError as e:
         raise CheckpointFileError(f"{file}: cannot read: {e.strerror or e}") from e
-    ck = unpack(data, str(file))
+    ck = sidefile.unpack(data, str(file)) if sidefile.is_side_file(data) else unpack(data, str(file))
     cfg = app.loaded.config
     with app.open_store() as store:
-        cid = from_file(store, ck, note=f"imported from {file.name}")
+        if isinstance(ck, sidefile.SideFile):
+            cid = side_from_file(store, ck, note=f"imported from {file.name}")
+        else:
+            cid = from_file(store, ck, note=f"imported from {file.name}")
         try:
             load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, cid, verify=True)
         except Exception as e:

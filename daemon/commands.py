@@ -85,8 +85,8 @@ class Commands:
             last_session=dataclasses.asdict(last[0]) if last else None,
             data={"documents": documents, "examples": examples, "untrained_examples": untrained},
             checkpoint=None if current is None else {
-                "id": current.id, "steps": current.n_steps, "val_loss": current.val_loss,
-                "created_at": current.created_at,
+                "id": current.id, "method": current.method, "steps": current.n_steps,
+                "val_loss": current.val_loss, "created_at": current.created_at,
             },
             readings=readings,
             away={"away": away, "expires_at": expires_at, "active": d.away.current()},

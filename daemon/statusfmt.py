@@ -78,7 +78,8 @@ def format_status(reply: dict[str, Any]) -> str:
                  f"{data.get('untrained_examples', 0)} untrained")
     ck = reply.get("checkpoint")
     lines.append("checkpoint: none yet" if not ck else
-                 f"checkpoint: #{ck['id']}, {ck['steps']} steps, val loss {_num(ck.get('val_loss'))}")
+                 f"checkpoint: #{ck['id']} ({ck.get('method', 'mezo')}), {ck['steps']} steps, "
+                 f"val loss {_num(ck.get('val_loss'))}")
     last = reply.get("last_session")
     if last:
         end = last.get("end_reason") or ("running" if not last.get("ended_at") else "?")

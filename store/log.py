@@ -268,10 +268,40 @@ class CheckpointLog:
                 out.setdefault(cid, set()).add(step)
         return out
 
-    def delete_steps(self, checkpoint_id: int) -> None:
-        """Drop all steps and hashes of a checkpoint (used when forgetting); the row stays, marked FORGOTTEN."""
+    def save_state(self, checkpoint_id: int, n_steps: int, data: bytes, sha256: str,
+                   step_documents: Sequence[tuple[int, Sequence[int]]] = ()) -> None:
+        """Store a tensor checkpoint's tensors after `n_steps` steps (replacing the previous save), the
+        documents of the steps since then and the hash, in one transaction."""
         with self.db.atomic():
-            for table in ("steps", "step_documents", "checkpoint_hashes"):
+            n = self.db.execute("select n_steps from checkpoints where id = ?", [checkpoint_id]).fetchone()
+            if n is None:
+                raise CheckpointNotFound(f"checkpoint {checkpoint_id}: no such checkpoint")
+            if n_steps < n[0]:
+                raise CheckpointConflict(f"checkpoint {checkpoint_id}: state of {n_steps} steps saved after {n[0]}")
+            self.db["checkpoint_states"].upsert(
+                {"checkpoint_id": checkpoint_id, "n_steps": n_steps, "format": "safetensors", "data": data,
+                 "sha256": sha256, "saved_at": utcnow()},
+                pk="checkpoint_id",
+            )
+            rows = [{"checkpoint_id": checkpoint_id, "step": step, "document_id": d}
+                    for step, docs in step_documents for d in sorted(set(docs))]
+            if rows:
+                self.db["step_documents"].upsert_all(rows, pk=("checkpoint_id", "step", "document_id"))
+            self._put_hash(checkpoint_id, n_steps, sha256)
+            self.db.execute("update checkpoints set n_steps = ?, updated_at = ? where id = ?",
+                            [n_steps, utcnow(), checkpoint_id])
+
+    def state(self, checkpoint_id: int) -> tuple[int, bytes, str] | None:
+        """(n_steps, safetensors bytes, sha256) of a tensor checkpoint, or None if it has no stored tensors."""
+        row = self.db.execute("select n_steps, data, sha256 from checkpoint_states where checkpoint_id = ?",
+                              [checkpoint_id]).fetchone()
+        return (int(row[0]), bytes(row[1]), str(row[2])) if row else None
+
+    def delete_steps(self, checkpoint_id: int) -> None:
+        """Drop all steps, hashes and stored tensors of a checkpoint (used when forgetting); the row stays,
+        marked FORGOTTEN."""
+        with self.db.atomic():
+            for table in ("steps", "step_documents", "checkpoint_hashes", "checkpoint_states"):
                 self.db.execute(f"delete from {table} where checkpoint_id = ?", [checkpoint_id])
             self.db["checkpoints"].update(
                 checkpoint_id, {"status": Status.FORGOTTEN.value, "n_steps": 0, "updated_at": utcnow()}

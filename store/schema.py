@@ -143,3 +143,21 @@ def m003_history(db: Database) -> None:
         not_null={"at", "kind", "message"},
     )
     db["events"].create_index(["at"])
+
+
+@migrations()
+def m004_checkpoint_states(db: Database) -> None:
+    """Tensor checkpoints (method side): the trained tensors as safetensors bytes, beside the seed logs."""
+    db["checkpoint_states"].create(
+        {
+            "checkpoint_id": int,
+            "n_steps": int,  # steps of this checkpoint the tensors include
+            "format": str,  # "safetensors"
+            "data": bytes,
+            "sha256": str,  # TrainableSet.sha256 of the tensors (also in checkpoint_hashes at n_steps)
+            "saved_at": str,
+        },
+        pk="checkpoint_id",
+        foreign_keys=[("checkpoint_id", "checkpoints", "id")],
+        not_null={"n_steps", "format", "data", "sha256", "saved_at"},
+    )

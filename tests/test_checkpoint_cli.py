@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from trainer.checkpoints import to_file
 from trainer.errors import CheckpointFileError
 from trainer.job import ExitCode, TrainingJob
 
-from tests.trainer_helpers import NOTES, fill_store, make_job
+from tests.trainer_helpers import NOTES, fill_store, make_job, start_trainer
 
 
 @pytest.fixture
@@ -129,21 +127,7 @@ def test_trainer_child_process_sigterm_finishes_step_and_exits_0(tmp_path, tiny_
     job = make_job(tmp_path, tiny_model_dir, max_steps=100000, hash_every=1000)
     fill_store(job.database)
     job = job.model_copy(update={"status_file": tmp_path / "status.json"})
-    job_file = tmp_path / "job.json"
-    job.write(job_file)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--job", str(job_file)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if job.status_file.exists():
-            status = json.loads(job.status_file.read_text())
-            if status["phase"] == "training" and status["step"] >= 3:
-                break
-        time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("trainer did not start training: " + proc.stdout.read().decode())
+    proc = start_trainer(job, tmp_path / "job.json", until_step=3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == ExitCode.OK, out.decode()

@@ -35,7 +35,7 @@ def test_full_status_text() -> None:
     reply = {
         "state": "waiting", "paused": True, "reasons": ["paused"],
         "data": {"documents": 3, "examples": 9, "untrained_examples": 4},
-        "checkpoint": {"id": 2, "steps": 150, "val_loss": 3.02},
+        "checkpoint": {"id": 2, "method": "side", "steps": 150, "val_loss": 3.02},
         "last_session": {"id": 5, "started_at": "2025-01-01T10:00:00+00:00", "ended_at": "2025-01-01T10:30:00+00:00",
                          "end_reason": "stopped: charger unplugged", "steps": 35, "loss_first": 3.4,
                          "loss_last": 3.2, "promoted": False},
@@ -49,7 +49,7 @@ def test_full_status_text() -> None:
     text = format_status(reply)
     assert text.splitlines()[0] == "waiting: paused"
     assert "data: 3 documents, 9 examples, 4 untrained" in text
-    assert "checkpoint: #2, 150 steps, val loss 3.02" in text
+    assert "checkpoint: #2 (side), 150 steps, val loss 3.02" in text
     assert "stopped: charger unplugged (35 steps, loss 3.40 -> 3.20, not promoted)" in text
     assert "device: on power (CHARGING, 80%, 31.0 °C), load 0.42, 2048 MiB available" in text
     assert "daemon: pid 1, up 2 h 0 min, RSS 45 MiB" in text

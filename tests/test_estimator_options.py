@@ -43,6 +43,8 @@ OPTIONS = [
     dict(lora_layers=1, activation_cache_mb=0),
     dict(lora_fa=True, lora_layers=1),
     dict(perturbation="rademacher"),
+    dict(perturbation="sparse", lora_layers=1),
+    dict(batched_perturbations=True, n_perturbations=2, perturbation="sparse"),
     dict(step_rule="normalized", lr=1e-3),
     dict(step_rule="normalized", perturbation="rademacher", lora_fa=True, lora_layers=1, n_perturbations=3),
     dict(trainable="full", perturbation="rademacher", step_rule="normalized", lr=1e-5),
@@ -90,6 +92,19 @@ def test_lora_fa_keeps_a_frozen(tmp_path: Path, tiny_model_dir: Path) -> None:
     trained_mods, fresh_mods = lora_modules(base.model), lora_modules(fresh.model)
     assert all(torch.equal(trained_mods[k].lora_A, fresh_mods[k].lora_A) for k in fresh_mods)  # A: its init
     assert any(m.lora_B.abs().sum() > 0 for m in trained_mods.values())  # B moved
+
+
+def test_sparse_z_perturbs_about_a_tenth_of_the_coordinates_with_unit_variance() -> None:
+    import torch
+
+    from trainer.config import Perturbation
+    from trainer.zo import SPARSE_DENSITY, draw
+
+    z = draw(torch.Size([200, 500]), torch.Generator().manual_seed(5), Perturbation.SPARSE)
+    again = draw(torch.Size([200, 500]), torch.Generator().manual_seed(5), Perturbation.SPARSE)
+    assert torch.equal(z, again)
+    assert (z != 0).float().mean().item() == pytest.approx(SPARSE_DENSITY, abs=0.01)
+    assert z.pow(2).mean().item() == pytest.approx(1.0, abs=0.05)
 
 
 def test_normalized_rule_moves_by_about_lr() -> None:

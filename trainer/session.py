@@ -25,7 +25,7 @@ from store import Checkpoint, Status, StepRecord, Store
 
 from .actcache import ActivationCache
 from .budget import estimate_need_mb, rss_mb
-from .config import LrSchedule, TrainerConfig, activation_cache_dir
+from .config import LrSchedule, Method, TrainerConfig, activation_cache_dir
 from .data import BatchSampler, collate, items_for, pad_id_of
 from .errors import NoTrainingData, OverBudget
 from .evaluate import EvalResult, eval_items, evaluate
@@ -114,22 +114,86 @@ def run_session(
     on_status(status)
     store = Store.open(job.database)
     try:
+        if cfg.method is Method.SIDE:
+            from .side_session import run_side
+
+            return run_side(job, store, stop, status, on_status, load_base)
         return _run(job, store, stop, status, on_status, load_base)
     finally:
         store.close()
 
 
-def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # type: ignore[no-untyped-def]
-    cfg: TrainerConfig = job.trainer
-    t_start = time.monotonic()
-    deadline = t_start + job.max_minutes * 60 if job.max_minutes else math.inf
+@dataclass
+class Loaded:
+    """What every session method starts from: the base, its examples and the session's deadline."""
+
+    job: TrainingJob
+    base: Any
+    train_items: list[Any]
+    val_items: list[Any]
+    pad: int
+    deadline: float
+
+    def eval_now(self) -> EvalResult | None:
+        """Validation loss of the model as it is now (None when the job skips the gate or has no examples)."""
+        cfg = self.job.trainer
+        if not (self.job.evaluate and self.val_items):
+            return None
+        return evaluate(self.base.model, self.val_items, pad_id=self.pad, batch_size=cfg.batch_size,
+                        micro_batch=cfg.micro_batch_size, chunk_tokens=cfg.loss_chunk_tokens)
+
+
+def load_session(job: TrainingJob, store: Store, load_base: Callable[..., Any]) -> Loaded | None:
+    """Load the base and the examples (None: no training examples, nothing to do)."""
+    cfg = job.trainer
+    deadline = time.monotonic() + job.max_minutes * 60 if job.max_minutes else math.inf
     base = load_base(cfg.model, job.cache_dir, cfg.dtype)
-    tok, model = base.tokenizer, base.model
-    train_items = items_for(store, tok, "train", cfg.seq_len)
+    train_items = items_for(store, base.tokenizer, "train", cfg.seq_len)
     if not train_items:
         log.warning("no training examples in the store: nothing to do")
+        return None
+    val_items = eval_items(items_for(store, base.tokenizer, "validation", cfg.seq_len), cfg.eval_examples)
+    return Loaded(job, base, train_items, val_items, pad_id_of(base.tokenizer), deadline)
+
+
+def end_reason(stop: threading.Event, job: TrainingJob, steps: int, deadline: float) -> EndReason | None:
+    """Why the session should end before its next step, if it should."""
+    if stop.is_set():
+        return EndReason.STOPPED
+    if job.max_steps is not None and steps >= job.max_steps:
+        return EndReason.STEPS
+    if time.monotonic() >= deadline:
+        return EndReason.TIME
+    return None
+
+
+def report_step(outcome: SessionOutcome, status: SessionStatus, loss: float, chain_steps: int, t_loop: float,
+                job: TrainingJob, deadline: float, on_status: Callable[[SessionStatus], None]) -> bool:
+    """Count a finished step in the outcome and the status; True if RSS passed the memory budget."""
+    outcome.steps += 1
+    outcome.loss_first = loss if outcome.loss_first is None else outcome.loss_first
+    outcome.loss_last = loss
+    rss = rss_mb()
+    outcome.peak_rss_mb = max(outcome.peak_rss_mb, rss)
+    s_per_step = (time.monotonic() - t_loop) / outcome.steps
+    status.step, status.total_steps, status.loss, status.loss_first = outcome.steps, chain_steps, loss, outcome.loss_first
+    status.s_per_step, status.rss_mb, status.peak_rss_mb = s_per_step, rss, outcome.peak_rss_mb
+    status.skipped_nonfinite = outcome.skipped_nonfinite
+    status.eta_s = _eta(job, outcome.steps, s_per_step, deadline)
+    on_status(status)
+    if rss > job.memory_budget_mb:
+        log.warning("RSS %.0f MiB passed the budget %d MiB: stopping", rss, job.memory_budget_mb)
+        return True
+    return False
+
+
+def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # type: ignore[no-untyped-def]
+    cfg: TrainerConfig = job.trainer
+    loaded = load_session(job, store, load_base)
+    if loaded is None:
         return SessionOutcome(None, 0, EndReason.NO_DATA, peak_rss_mb=rss_mb())
-    val_items = eval_items(items_for(store, tok, "validation", cfg.seq_len), cfg.eval_examples)
+    base, deadline, eval_now = loaded.base, loaded.deadline, loaded.eval_now
+    model = base.model
     spec = Spec.from_config(cfg)
     current = store.log.current()
     if current is not None and current.spec != spec.to_dict():
@@ -144,14 +208,6 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
         # Every stored hash of the chain is compared: a log that does not verify is never trained on.
         n = replay(store, params, start_from, base.fingerprint, verify=True)
         log.info("replayed %d steps of checkpoint %d", n, start_from)
-    pad = pad_id_of(tok)
-    kw = dict(micro_batch=cfg.micro_batch_size, chunk_tokens=cfg.loss_chunk_tokens)
-
-    def eval_now() -> EvalResult | None:
-        if not (job.evaluate and val_items):
-            return None
-        return evaluate(model, val_items, pad_id=pad, batch_size=cfg.batch_size, **kw)
-
     parent_eval: EvalResult | None = None
     if resumed is None:
         parent_eval = eval_now()
@@ -173,7 +229,7 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
     chain_steps = sum(c.n_steps for c in store.log.chain(ck_id))
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     rng = random.Random(seed)
-    sampler = BatchSampler(train_items, store.docs.trained_counts(), cfg.batch_size, rng.getrandbits(63))
+    sampler = BatchSampler(loaded.train_items, store.docs.trained_counts(), cfg.batch_size, rng.getrandbits(63))
     restore = Restore(estimator_dict(cfg)["restore"])
     zo_step = _step_plan(model, params, base.fingerprint, job)
     sizer = StepSizer(cfg.step_rule, cfg.divergence_guard)
@@ -183,17 +239,12 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
     nonfinite_run = 0
     t_loop = time.monotonic()
     while True:
-        if stop.is_set():
-            outcome.end_reason = EndReason.STOPPED
-            break
-        if job.max_steps is not None and outcome.steps >= job.max_steps:
-            outcome.end_reason = EndReason.STEPS
-            break
-        if time.monotonic() >= deadline:
-            outcome.end_reason = EndReason.TIME
+        reason = end_reason(stop, job, outcome.steps, deadline)
+        if reason is not None:
+            outcome.end_reason = reason
             break
         items = sampler.next()
-        batch = collate(items, pad)
+        batch = collate(items, loaded.pad)
         seeds = [rng.getrandbits(63) for _ in range(cfg.n_perturbations)]
         res = zo_step(batch, seeds, restore)
         if not res.finite:
@@ -215,23 +266,11 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
             store.docs.mark_trained([it.example_id for it in items])
         step += 1
         chain_steps += 1
-        outcome.steps += 1
-        outcome.loss_first = res.loss if outcome.loss_first is None else outcome.loss_first
-        outcome.loss_last = res.loss
         if sizer.observe(res.loss):
             outcome.step_backoffs = sizer.backoffs
             log.warning("step %d: training loss rose above the session's start: step size halved (x%g)",
                         step, sizer.scale)
-        rss = rss_mb()
-        outcome.peak_rss_mb = max(outcome.peak_rss_mb, rss)
-        s_per_step = (time.monotonic() - t_loop) / outcome.steps
-        status.step, status.total_steps, status.loss, status.loss_first = outcome.steps, chain_steps, res.loss, outcome.loss_first
-        status.s_per_step, status.rss_mb, status.peak_rss_mb = s_per_step, rss, outcome.peak_rss_mb
-        status.skipped_nonfinite = outcome.skipped_nonfinite
-        status.eta_s = _eta(job, outcome.steps, s_per_step, deadline)
-        on_status(status)
-        if rss > job.memory_budget_mb:
-            log.warning("RSS %.0f MiB passed the budget %d MiB: stopping", rss, job.memory_budget_mb)
+        if report_step(outcome, status, res.loss, chain_steps, t_loop, job, deadline, on_status):
             outcome.end_reason = EndReason.OVER_BUDGET
             break
     if outcome.steps and (step % cfg.hash_every) != 0:

@@ -40,11 +40,18 @@ def f32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32).item())
 
 
+SPARSE_DENSITY = 0.1  # Perturbation.SPARSE: fraction of coordinates perturbed per seed
+
+
 def draw(shape: torch.Size, gen: torch.Generator, dist: Perturbation) -> torch.Tensor:
     """One tensor of z (float32) from the generator."""
     if dist is Perturbation.RADEMACHER:
         return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
-    return torch.randn(shape, generator=gen, dtype=torch.float32)
+    z = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if dist is Perturbation.SPARSE:  # a random mask from the same generator; E[z z^T] stays I
+        keep = torch.rand(shape, generator=gen, dtype=torch.float32) < SPARSE_DENSITY
+        z.mul_(keep).mul_(1.0 / math.sqrt(SPARSE_DENSITY))
+    return z
 
 
 @torch.no_grad()

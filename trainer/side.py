@@ -1,0 +1,176 @@
+"""The side method's trainable part, attached to a frozen base, and its tensor checkpoints.
+
+Two kinds (`trainer.side_part`), both trained by backprop through themselves only:
+
+- adapters: LoRA adapters (A and B) in the top `lora_layers` decoder layers; the layers
+  below run once per example and their output is cached (trainer.actcache);
+- mlp: an additive network on the final hidden state, h + W2 gelu(W1 h + b1), applied
+  by a forward hook on the backbone's final norm, so every path that runs the model
+  (evaluation, generation) sees it. W2 starts at zero: a fresh side part is the base.
+
+A checkpoint of this method is the trainable tensors as safetensors bytes, plus the
+hash of their exact bytes (the same `TrainableSet.sha256` the seed logs use).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .config import SidePart, Trainable, TrainerConfig
+from .errors import ReplayMismatch
+from .lora import LoraSpec, attach_lora
+from .params import TrainableSet, trainable_set
+from .prefix import Parts
+from .replay import check_base
+
+if TYPE_CHECKING:
+    from store import Checkpoint, Store
+
+
+@dataclass(frozen=True)
+class SideSpec:
+    """The trainable-part spec recorded in every side checkpoint."""
+
+    part: SidePart
+    lora: LoraSpec | None = None  # part adapters
+    hidden: int | None = None  # part mlp: width
+    seed: int = 0  # initialization seed (LoRA A / W1)
+
+    @classmethod
+    def from_config(cls, cfg: TrainerConfig) -> "SideSpec":
+        if cfg.side_part is SidePart.ADAPTERS:
+            lora = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.value, cfg.lora_layers, cfg.lora_seed)
+            return cls(SidePart.ADAPTERS, lora=lora, seed=cfg.lora_seed)
+        return cls(SidePart.MLP, hidden=cfg.side_hidden, seed=cfg.lora_seed)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SideSpec":
+        part = SidePart(d["side"])
+        lora = LoraSpec(**d["lora"]) if d.get("lora") else None
+        return cls(part, lora=lora, hidden=d.get("hidden"), seed=int(d.get("seed", 0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"side": self.part.value, "seed": self.seed}
+        if self.lora is not None:
+            d["lora"] = self.lora.to_dict()
+        if self.hidden is not None:
+            d["hidden"] = self.hidden
+        return d
+
+    def start_layer(self, n_layers: int) -> int:
+        """The layer whose input is cached: the lowest adapted layer, or n_layers (the final norm's input)."""
+        if self.part is SidePart.MLP:
+            return n_layers
+        layers = self.lora.layers if self.lora and self.lora.layers else n_layers
+        return max(0, n_layers - layers)
+
+
+class SideMLP(nn.Module):
+    """delta(h) = W2 gelu(W1 h + b1): W1 [r, H], b1 [r], W2 [H, r] (zero at the start)."""
+
+    def __init__(self, hidden_size: int, width: int, seed: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        w1 = torch.empty(width, hidden_size)
+        bound = 1.0 / math.sqrt(hidden_size)
+        w1.uniform_(-bound, bound, generator=gen)
+        self.w1 = nn.Parameter(w1.to(dtype))
+        self.b1 = nn.Parameter(torch.zeros(width, dtype=dtype))
+        self.w2 = nn.Parameter(torch.zeros(hidden_size, width, dtype=dtype))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        a = torch.nn.functional.gelu(h @ self.w1.T + self.b1)  # [..., r]
+        return h + a @ self.w2.T
+
+
+@dataclass
+class Attached:
+    """The side part on a model: its tensors (hash order), their autograd leaves, and for mlp the hook."""
+
+    spec: SideSpec
+    params: TrainableSet
+    leaves: list[nn.Parameter]  # same tensors as params, in the same order
+    handle: Any = None  # the mlp's forward hook on the final norm
+
+    def train_mode(self, on: bool) -> list[nn.Parameter]:
+        """Turn gradients of the side part on (for training) or off; return its leaves."""
+        for p in self.leaves:
+            p.requires_grad_(on)
+        return self.leaves
+
+
+def attach_side(model: nn.Module, spec: SideSpec) -> Attached:
+    """Put a fresh (identity) side part on the model in place and return it."""
+    if spec.part is SidePart.ADAPTERS:
+        if spec.lora is None:
+            raise ValueError("side spec: part adapters without a lora spec")
+        loras = attach_lora(model, spec.lora)
+        leaves = [p for path in sorted(loras) for p in (loras[path].lora_A, loras[path].lora_B)]
+        params = trainable_set(model, Trainable.LORA, lora_fa=False)
+        return Attached(spec, params, leaves)
+    parts = Parts.of(model)
+    hidden_size = int(parts.head.weight.shape[1])  # [V, H]
+    mlp = SideMLP(hidden_size, int(spec.hidden or 1), spec.seed, parts.head.weight.dtype)
+    mlp.requires_grad_(False)
+    handle = parts.norm.register_forward_hook(lambda _m, _args, out: mlp(out))
+    leaves = [mlp.w1, mlp.b1, mlp.w2]
+    params = TrainableSet(("side.w1", "side.b1", "side.w2"), tuple(p.data for p in leaves))
+    return Attached(spec, params, leaves, handle)
+
+
+def pack_state(params: TrainableSet, metadata: dict[str, str] | None = None) -> bytes:
+    """The tensors as safetensors bytes, keyed by their names."""
+    from safetensors.torch import save
+
+    return save({n: t.detach().contiguous() for n, t in zip(params.names, params.tensors)}, metadata=metadata)
+
+
+def load_state(params: TrainableSet, data: bytes, what: str) -> None:
+    """Copy stored tensors into params in place; ReplayMismatch (naming `what`) if they do not fit."""
+    from safetensors.torch import load
+
+    try:
+        stored = load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError or ValueError on bad bytes
+        raise ReplayMismatch(f"{what}: stored tensors are unreadable ({e}); the checkpoint is corrupt") from e
+    if set(stored) != set(params.names):
+        missing = sorted(set(params.names) - set(stored))[:3]
+        raise ReplayMismatch(f"{what}: stored tensors do not match the spec (missing {missing or 'none'}, "
+                             f"{len(stored)} stored vs {len(params.names)} expected)")
+    with torch.no_grad():
+        for name, t in zip(params.names, params.tensors):
+            s = stored[name]
+            if s.shape != t.shape or s.dtype != t.dtype:
+                raise ReplayMismatch(f"{what}: tensor {name} is {tuple(s.shape)} {s.dtype}, "
+                                     f"the spec needs {tuple(t.shape)} {t.dtype}")
+            t.copy_(s)
+
+
+def load_side_state(store: Store, att: Attached, ck: Checkpoint, fingerprint: str, *, verify: bool = True) -> int:
+    """Load a side checkpoint's stored tensors into att (fresh on the base); return its steps.
+
+    The tensors' hash is compared with the stored one (and, with `verify`, with the
+    log's hash at that step count): a checkpoint that does not verify is a ReplayMismatch.
+    """
+    check_base(ck, fingerprint)
+    if ck.spec != att.spec.to_dict():
+        raise ReplayMismatch(f"checkpoint {ck.id}: its spec {ck.spec} is not the loaded side part's")
+    got = store.log.state(ck.id)
+    if got is None:
+        raise ReplayMismatch(f"checkpoint {ck.id}: no stored tensors (method side); the checkpoint is incomplete")
+    n_steps, data, sha = got
+    load_state(att.params, data, f"checkpoint {ck.id}")
+    actual = att.params.sha256()
+    expected = {sha} | ({store.log.hashes(ck.id).get(n_steps, sha)} if verify else set())
+    if expected != {actual}:
+        raise ReplayMismatch(f"checkpoint {ck.id}: stored tensors hash to {actual[:12]}, the log says "
+                             f"{sorted(expected)[0][:12]}; the checkpoint is corrupt")
+    if n_steps != ck.n_steps:
+        raise ReplayMismatch(f"checkpoint {ck.id}: stored tensors are of step {n_steps}, the checkpoint "
+                             f"records {ck.n_steps}; the checkpoint is corrupt")
+    return n_steps
