@@ -8,7 +8,8 @@ temporary store; the store splits train / validation *by note* (a note's windows
 all on one side). Then, each in a fresh process so peak RSS is its own:
 
 - adamw: LoRA-AdamW (rank 8, attention, all layers, lr --adamw-lr), backprop, the
-  reference a user would pick instead;
+  reference a user would pick instead (several --adamw-lr values: one run each, named
+  adamw@LR, and the best of them is the reference of the ratios);
 - textbook: LoRA-MeZO as the MeZO paper sets it (rank 8, attention, all layers,
   lr 1e-4, eps 1e-2, Gaussian z, plain SGD rule, no prefix sharing, no guard),
   through pocketd's own session;
@@ -153,7 +154,7 @@ def worker_session(a: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_mib": w["peak"] / tb.MIB}
 
 
-def worker_adamw(a: dict[str, Any]) -> dict[str, Any]:
+def worker_adamw(a: dict[str, Any], lr: float) -> dict[str, Any]:
     """LoRA-AdamW with the same budget accounting, batches and held-out windows as the sessions."""
     import random
 
@@ -169,7 +170,7 @@ def worker_adamw(a: dict[str, Any]) -> dict[str, Any]:
     sampler = tb.RssSampler()
     deadline = time.monotonic() + a["minutes"] * 60
     cfg = config(a, **ADAMW_SPEC)
-    db = tb.copy_store(a["store"], Path(a["work_dir"]) / "adamw" / "store.db")
+    db = tb.copy_store(a["store"], Path(a["work_dir"]) / f"adamw-{lr:g}" / "store.db")
     with sampler.window() as w:
         base = load_base(cfg.model, Path(a["cache_dir"]), cfg.dtype)
         tok, model = base.tokenizer, base.model
@@ -181,7 +182,7 @@ def worker_adamw(a: dict[str, Any]) -> dict[str, Any]:
         params = [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=a["adamw_lr"])
+        opt = torch.optim.AdamW(params, lr=lr)
         pad = pad_id_of(tok)
         kw = {"micro_batch": cfg.micro_batch_size, "chunk_tokens": cfg.loss_chunk_tokens}
         before = evaluate(model, val_items, pad_id=pad, batch_size=cfg.batch_size, **kw)
@@ -194,7 +195,7 @@ def worker_adamw(a: dict[str, Any]) -> dict[str, Any]:
         train_s = time.monotonic() - t_loop
         after = evaluate(model, val_items, pad_id=pad, batch_size=cfg.batch_size, **kw)
     fwd = full_forward_s(model, fixed_batch(a, tok, a["store"], cfg.batch_size), cfg)
-    return {"config": {"adamw_lr": a["adamw_lr"], **ADAMW_SPEC}, "steps": steps, "s_per_step": train_s / max(steps, 1),
+    return {"config": {"adamw_lr": lr, **ADAMW_SPEC}, "steps": steps, "s_per_step": train_s / max(steps, 1),
             "forward_s": fwd, "step_cost": train_s / max(steps, 1) / fwd,
             "loss_before": before.loss, "loss_after": after.loss, "ppl_before": before.perplexity,
             "ppl_after": after.perplexity, "peak_rss_mib": w["peak"] / tb.MIB}
@@ -302,8 +303,8 @@ def run_worker(name: str, a: dict[str, Any]) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    if name == "adamw":
-        result = worker_adamw(a)
+    if name.startswith("adamw"):
+        result = worker_adamw(a, float(name.partition("@")[2] or a["adamw_lr"][0]))
     elif name == "step-cost":
         result = worker_step_cost(a)
     elif name == "side-epochs":
@@ -345,10 +346,13 @@ def fmt(x: Any, spec: str = ".3f") -> str:
 
 
 def render(results: dict[str, dict[str, Any]]) -> str:
-    ref = gain_pct(results.get("adamw", {}))
+    # The reference is the best LoRA-AdamW of the run (one per --adamw-lr).
+    adamws = [r for n, r in results.items() if n.startswith("adamw") and "error" not in r]
+    best = max(adamws, key=lambda r: gain_pct(r) or -math.inf, default={})
+    ref = gain_pct(best)
     rows = [("method", "steps", "s/step", "step cost (fwd)", "peak RSS MiB", "ppl before", "ppl after", "gain %",
              "gain / AdamW's", "RSS / AdamW's", "RSS / pocketd's")]
-    adamw_rss = results.get("adamw", {}).get("peak_rss_mib")
+    adamw_rss = best.get("peak_rss_mib")
     mezo_rss = results.get("pocketd", {}).get("peak_rss_mib")
     for name, r in results.items():
         if name in ("step-cost", "side-epochs") or "error" in r:
@@ -394,7 +398,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--adamw-lr", type=float, default=1e-4)
+    p.add_argument("--adamw-lr", type=float, nargs="+", default=[1e-4],
+                   help="LoRA-AdamW learning rate(s); the best of them is the reference (default 1e-4)")
     p.add_argument("--cost-repeats", type=int, default=5)
     p.add_argument("--epoch-batches", type=int, default=8, help="side-epochs: batches per epoch (default 8)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
@@ -413,7 +418,8 @@ def main() -> None:
     for v in args.variant:
         name, _, body = v.partition("=")
         variants[name] = json.loads(body)
-    names = ["adamw", "textbook", "pocketd", "side", *[v for v in variants if v != "side"], "step-cost",
+    adamw_names = [f"adamw@{lr:g}" for lr in args.adamw_lr] if len(args.adamw_lr) > 1 else ["adamw"]
+    names = [*adamw_names, "textbook", "pocketd", "side", *[v for v in variants if v != "side"], "step-cost",
              "side-epochs"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
