@@ -379,6 +379,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     if epochs and "error" not in epochs:
         text += "\n\nside method, the same examples twice (epoch 1 runs the backbone and fills the cache, epoch 2 reads it):"
         for part, e in epochs.items():
+            if not isinstance(e, dict):  # worker_wall_s
+                continue
             text += (f"\n  {part:9s} {e['windows']} windows: epoch 1 {e['first_s']:.1f} s, epoch 2 {e['second_s']:.1f} s "
                      f"= {100 * e['ratio']:.0f} % of epoch 1 ({e['second_epoch_hits']} cache hits, "
                      f"{e['cached_mib']:.1f} MiB cached)")

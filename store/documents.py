@@ -191,6 +191,20 @@ class Documents:
                 [(i,) for i in example_ids],
             )
 
+    def mark_untrained(self, document_ids: Sequence[int]) -> int:
+        """Reset the training count of every example of these documents (their training was dropped);
+        returns how many examples were reset."""
+        ids = sorted(set(document_ids))
+        n = 0
+        with self.db.atomic():
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                cur = self.db.execute(
+                    f"update examples set trained_count = 0 where trained_count > 0 and document_id in "
+                    f"({','.join('?' * len(chunk))})", chunk)
+                n += cur.rowcount
+        return n
+
     # -- reads ----------------------------------------------------------------
 
     def find(self, ref: str | int) -> Document:

@@ -255,6 +255,11 @@ class CheckpointLog:
                 sets["note"] = note
             self.db["checkpoints"].update(checkpoint_id, sets)
 
+    def documents_of(self, checkpoint_id: int) -> set[int]:
+        """Every document some step of this checkpoint trained on."""
+        return {d for (d,) in self.db.execute(
+            "select distinct document_id from step_documents where checkpoint_id = ?", [checkpoint_id])}
+
     def checkpoints_with_documents(self, document_ids: Sequence[int]) -> dict[int, set[int]]:
         """checkpoint id -> the steps of it whose batches held any of these documents."""
         out: dict[int, set[int]] = {}

@@ -318,6 +318,8 @@ def test_cli_forget_drops_side_checkpoints_that_saw_the_document(env):
         for ck in before:
             assert store.log.get(ck.id).status is Status.FORGOTTEN and store.log.state(ck.id) is None
         assert store.log.checkpoints_with_documents([doc]) == {}
+        # What the dropped checkpoints learned is gone: their examples count as untrained again.
+        assert sum(store.docs.trained_counts().values()) == 0
     code, out = pocketd("train", "--steps", "3")
     assert code == 0 and "checkpoint 3" in out
 
