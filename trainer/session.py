@@ -187,6 +187,27 @@ def report_step(outcome: SessionOutcome, status: SessionStatus, loss: float, cha
     return False
 
 
+def open_candidate(store: Store, resumed: Checkpoint | None, parent_id: int | None, method: str, fingerprint: str,
+                   spec: dict[str, Any], estimator: dict[str, Any], eval_now: Callable[[], EvalResult | None],
+                   record_start: Callable[[int], None]) -> tuple[int, int, EvalResult | None]:
+    """(checkpoint id, its steps so far, the parent's validation result) of the candidate to train: the
+    resumed one, or a new one created in one transaction with its step-0 record (`record_start`) and its
+    parent's validation loss, so a kill never leaves a candidate without them."""
+    if resumed is not None:
+        parent_eval = None if resumed.parent_val_loss is None else EvalResult(resumed.parent_val_loss, 0, 0)
+        if parent_eval is None:
+            log.info("resuming candidate %d: its parent's validation loss is unknown", resumed.id)
+        return resumed.id, resumed.n_steps, parent_eval
+    parent_eval = eval_now()
+    with store.db.atomic():
+        ck_id = store.log.create(parent_id=parent_id, method=method, base_fingerprint=fingerprint, spec=spec,
+                                 estimator=estimator, torch_version=torch.__version__)
+        record_start(ck_id)
+        if parent_eval is not None:
+            store.log.set_status(ck_id, Status.CANDIDATE, parent_val_loss=parent_eval.loss)
+    return ck_id, 0, parent_eval
+
+
 def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # type: ignore[no-untyped-def]
     cfg: TrainerConfig = job.trainer
     loaded = load_session(job, store, load_base)
@@ -208,24 +229,9 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
         # Every stored hash of the chain is compared: a log that does not verify is never trained on.
         n = replay(store, params, start_from, base.fingerprint, verify=True)
         log.info("replayed %d steps of checkpoint %d", n, start_from)
-    parent_eval: EvalResult | None = None
-    if resumed is None:
-        parent_eval = eval_now()
-        with store.db.atomic():  # one transaction: a kill never leaves a candidate without its hash and parent loss
-            ck_id = store.log.create(
-                parent_id=current.id if current else None, method=cfg.method.value,
-                base_fingerprint=base.fingerprint, spec=spec.to_dict(), estimator=estimator_dict(cfg),
-                torch_version=torch.__version__,
-            )
-            store.log.add_hash(ck_id, 0, params.sha256())
-            if parent_eval is not None:
-                store.log.set_status(ck_id, Status.CANDIDATE, parent_val_loss=parent_eval.loss)
-        step = 0
-    else:
-        ck_id, step = resumed.id, resumed.n_steps
-        parent_eval = None if resumed.parent_val_loss is None else EvalResult(resumed.parent_val_loss, 0, 0)
-        if parent_eval is None:
-            log.info("resuming candidate %d: its parent's validation loss is re-measured at the end", ck_id)
+    ck_id, step, parent_eval = open_candidate(
+        store, resumed, current.id if current else None, cfg.method.value, base.fingerprint, spec.to_dict(),
+        estimator_dict(cfg), eval_now, lambda ck: store.log.add_hash(ck, 0, params.sha256()))
     chain_steps = sum(c.n_steps for c in store.log.chain(ck_id))
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     rng = random.Random(seed)
@@ -280,7 +286,7 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
         status.phase, status.end_reason = Phase.DONE, outcome.end_reason.value
         on_status(status)
         return outcome
-    _gate(store, ck_id, eval_now, parent_eval, current, outcome, status, on_status, job)
+    gate(store, ck_id, eval_now, parent_eval, outcome, status, on_status, job)
     return outcome
 
 
@@ -319,7 +325,9 @@ def _step_plan(model, params, fingerprint: str, job: TrainingJob) -> Callable[[A
     return step
 
 
-def _gate(store, ck_id, eval_now, parent_eval, current, outcome, status, on_status, job) -> None:  # type: ignore[no-untyped-def]
+def gate(store: Store, ck_id: int, eval_now: Callable[[], EvalResult | None], parent_eval: EvalResult | None,
+         outcome: SessionOutcome, status: SessionStatus, on_status: Callable[[SessionStatus], None],
+         job: TrainingJob) -> None:
     """Promote the candidate only if validation loss improved on its parent's."""
     if not job.evaluate:
         return

@@ -30,10 +30,9 @@ from .backprop import loss_backward
 from .budget import rss_mb
 from .config import Method, TrainerConfig, activation_cache_dir
 from .data import BatchSampler, collate
-from .evaluate import EvalResult
 from .job import Phase, SessionStatus, TrainingJob
 from .prefix import Parts, batch_prefixes
-from .session import EndReason, SessionOutcome, _gate, end_reason, load_session, report_step
+from .session import EndReason, SessionOutcome, end_reason, gate, load_session, open_candidate, report_step
 from .side import SideSpec, attach_side, load_side_state, pack_state
 
 log = logging.getLogger(__name__)
@@ -81,22 +80,10 @@ def run_side(job: TrainingJob, store: Store, stop: threading.Event, status: Sess
     if start_from is not None:
         load_side_state(store, att, start_from, base.fingerprint)
         log.info("loaded the side tensors of checkpoint %d", start_from.id)
-    parent_eval: EvalResult | None = None
-    if resumed is None:
-        parent_eval = eval_now()
-        with store.db.atomic():  # the candidate exists only with its step-0 tensors: always loadable
-            ck_id = store.log.create(
-                parent_id=parent.id if parent else None, method=Method.SIDE.value,
-                base_fingerprint=base.fingerprint, spec=spec.to_dict(), estimator=side_estimator(cfg),
-                torch_version=torch.__version__,
-            )
-            store.log.save_state(ck_id, 0, pack_state(att.params), att.params.sha256())
-            if parent_eval is not None:
-                store.log.set_status(ck_id, Status.CANDIDATE, parent_val_loss=parent_eval.loss)
-        step = 0
-    else:
-        ck_id, step = resumed.id, resumed.n_steps
-        parent_eval = None if resumed.parent_val_loss is None else EvalResult(resumed.parent_val_loss, 0, 0)
+    ck_id, step, parent_eval = open_candidate(
+        store, resumed, parent.id if parent else None, Method.SIDE.value, base.fingerprint, spec.to_dict(),
+        side_estimator(cfg), eval_now, lambda ck: store.log.save_state(ck, 0, pack_state(att.params),
+                                                                    att.params.sha256()))
     parts = Parts.of(model)
     at = spec.start_layer(len(parts.layers))
     cache = None
@@ -171,5 +158,5 @@ def run_side(job: TrainingJob, store: Store, stop: threading.Event, status: Sess
         status.phase, status.end_reason = Phase.DONE, outcome.end_reason.value
         on_status(status)
         return outcome
-    _gate(store, ck_id, eval_now, parent_eval, current, outcome, status, on_status, job)
+    gate(store, ck_id, eval_now, parent_eval, outcome, status, on_status, job)
     return outcome
