@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -83,3 +84,29 @@ class DaemonFactory:
     def close(self) -> None:
         for d in self.made:
             d.shutdown()
+
+
+def wait_until_training(daemon: "subprocess.Popen[bytes]", sock: Path, log_path: Path, *, timeout: float = 150,
+                        fail_on_failed_session: bool = False) -> dict[str, Any]:
+    """Poll a `pocketd run` child's status until its trainer has made a step; its status reply then.
+
+    Fails the test (with the daemon log's tail) if the daemon exits, no step comes within `timeout`,
+    or, with `fail_on_failed_session`, a session ends as failed first."""
+    import pytest
+
+    from daemon.client import DaemonNotRunning, request
+
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        assert daemon.poll() is None, log_path.read_text()
+        try:
+            status = request(sock, "status")
+        except DaemonNotRunning:
+            status = {}
+        if status.get("state") == "training" and (status["training"]["step"] or 0) >= 1:
+            return status
+        if fail_on_failed_session:
+            assert not (status.get("last_session") or {}).get("end_reason", "").startswith("failed"), status
+        time.sleep(0.3)
+    pytest.fail(f"the daemon did not train within {timeout:.0f} s: {status}\n{log_path.read_text()[-3000:]}")

@@ -19,13 +19,11 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from daemon.client import DaemonNotRunning, request
+from tests.daemon_helpers import wait_until_training
 
 ROOT = Path(__file__).resolve().parent.parent
 UMASK = 0o022
@@ -116,19 +114,7 @@ def test_everything_pocketd_creates_is_private(tmp_path: Path, isolated_home: Pa
                                       stderr=subprocess.STDOUT, umask=UMASK)
         sock = run_dir / "pocketd" / "pocketd.sock"
         try:
-            status: dict[str, Any] = {}
-            deadline = time.monotonic() + 150
-            while time.monotonic() < deadline:
-                assert daemon.poll() is None, log_path.read_text()
-                try:
-                    status = request(sock, "status")
-                except DaemonNotRunning:
-                    status = {}
-                if status.get("state") == "training" and (status["training"]["step"] or 0) >= 1:
-                    break
-                time.sleep(0.3)
-            else:
-                pytest.fail(f"no training within 150 s: {status}\n{log_path.read_text()[-3000:]}")
+            wait_until_training(daemon, sock, log_path)
             jobs = sorted(p.name for p in (home / ".local/state/pocketd/jobs").iterdir())
             assert any(n.endswith(".job.json") for n in jobs) and any(n.endswith(".status.json") for n in jobs), jobs
             seen.update(modes_under(home, skip) | modes_under(run_dir, skip))  # while training

@@ -19,13 +19,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from daemon.client import DaemonNotRunning, request
+from tests.daemon_helpers import wait_until_training
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("daemon", "ingest", "trainer", "store")
@@ -211,20 +209,7 @@ def test_ingest_train_eval_run_status_with_the_network_blocked(
                                   stderr=subprocess.STDOUT)
     sock = tmp_path / "run" / "pocketd" / "pocketd.sock"
     try:
-        deadline = time.monotonic() + 150
-        status: dict[str, Any] = {}
-        while time.monotonic() < deadline:  # until the trainer child (blocked too) has made a step
-            assert daemon.poll() is None, log_path.read_text()
-            try:
-                status = request(sock, "status")
-            except DaemonNotRunning:
-                status = {}
-            if status.get("state") == "training" and (status["training"]["step"] or 0) >= 1:
-                break
-            assert not (status.get("last_session") or {}).get("end_reason", "").startswith("failed"), status
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"the daemon did not train within 150 s: {status}\n{log_path.read_text()[-3000:]}")
+        wait_until_training(daemon, sock, log_path, fail_on_failed_session=True)  # the trainer is blocked too
         shown = json.loads(pocketd(env, "status", "--json").stdout)  # the CLI client, blocked too
         assert shown["ok"] and shown["state"] == "training"
     finally:

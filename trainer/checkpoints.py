@@ -95,12 +95,12 @@ def plan_forget(store: Store, document_ids: list[int]) -> ForgetPlan:
 
 def _fall_back_side(store: Store, plan: ForgetPlan) -> int | None:
     """Drop the tainted side checkpoints; the newest clean ancestor of the current one becomes current."""
-    clean = [c for c in store.log.chain(plan.current_id) if c.id not in plan.side_tainted] if plan.current_id else []
-    dropped = [c.id for c in store.log.chain(plan.current_id) if c.id in plan.side_tainted] if plan.current_id else []
+    chain = store.log.chain(plan.current_id) if plan.current_id is not None else []
+    clean = [c for c in chain if c.id not in plan.side_tainted]
     with store.db.atomic():
         # What the dropped checkpoints learned from the other documents is gone too: count those
         # documents' examples as untrained again, so the policy's next session retrains on them.
-        trained_on = {d for cid in dropped for d in store.log.documents_of(cid)}
+        trained_on = {d for c in chain if c.id in plan.side_tainted for d in store.log.documents_of(c.id)}
         store.docs.mark_untrained(sorted(trained_on))
         for cid in plan.side_tainted:
             store.log.delete_steps(cid)

@@ -90,12 +90,11 @@ class SideMLP(nn.Module):
 
 @dataclass
 class Attached:
-    """The side part on a model: its tensors (hash order), their autograd leaves, and for mlp the hook."""
+    """The side part on a model: its tensors (hash order) and their autograd leaves."""
 
     spec: SideSpec
     params: TrainableSet
     leaves: list[nn.Parameter]  # same tensors as params, in the same order
-    handle: Any = None  # the mlp's forward hook on the final norm
 
     def train_mode(self, on: bool) -> list[nn.Parameter]:
         """Turn gradients of the side part on (for training) or off; return its leaves."""
@@ -117,10 +116,10 @@ def attach_side(model: nn.Module, spec: SideSpec) -> Attached:
     hidden_size = int(parts.head.weight.shape[1])  # [V, H]
     mlp = SideMLP(hidden_size, int(spec.hidden or 1), spec.seed, parts.head.weight.dtype)
     mlp.requires_grad_(False)
-    handle = parts.norm.register_forward_hook(lambda _m, _args, out: mlp(out))
+    parts.norm.register_forward_hook(lambda _m, _args, out: mlp(out))  # lives as long as the model
     leaves = [mlp.w1, mlp.b1, mlp.w2]
     params = TrainableSet(("side.w1", "side.b1", "side.w2"), tuple(p.data for p in leaves))
-    return Attached(spec, params, leaves, handle)
+    return Attached(spec, params, leaves)
 
 
 def pack_state(params: TrainableSet, metadata: dict[str, str] | None = None) -> bytes:
@@ -166,10 +165,10 @@ def load_side_state(store: Store, att: Attached, ck: Checkpoint, fingerprint: st
     n_steps, data, sha = got
     load_state(att.params, data, f"checkpoint {ck.id}")
     actual = att.params.sha256()
-    expected = {sha} | ({store.log.hashes(ck.id).get(n_steps, sha)} if verify else set())
-    if expected != {actual}:
+    logged = store.log.hashes(ck.id).get(n_steps, sha) if verify else sha
+    if actual != sha or logged != sha:
         raise ReplayMismatch(f"checkpoint {ck.id}: stored tensors hash to {actual[:12]}, the log says "
-                             f"{sorted(expected)[0][:12]}; the checkpoint is corrupt")
+                             f"{(logged if actual == sha else sha)[:12]}; the checkpoint is corrupt")
     if n_steps != ck.n_steps:
         raise ReplayMismatch(f"checkpoint {ck.id}: stored tensors are of step {n_steps}, the checkpoint "
                              f"records {ck.n_steps}; the checkpoint is corrupt")
