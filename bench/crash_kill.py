@@ -7,7 +7,7 @@
 Everything runs in a private temporary home; nothing of the user's is touched (the
 default model's converted copy is read from, and cached in, the user's cache dir).
 
-1. trainer: `python -m trainer --job FILE` on a store of notes (the tiny test model;
+1. trainer: `python -m pocketd.trainer --job FILE` on a store of notes (the tiny test model;
    `--model default` or `both`: also the SmolLM2 GGUF for `--default-kills`), killed with
    SIGKILL `--kills` times at a moment drawn by one of: uniform over the whole life of the
    process (import, load, replay, steps, gate), right after step j + a fraction of a step
@@ -65,11 +65,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 for _name in [n for n in os.environ if n.startswith("POCKETD_")]:
     del os.environ[_name]
 
-from daemon.client import ClientError, DaemonNotRunning, request  # noqa: E402
-from ingest.config import IngestConfig  # noqa: E402
-from ingest.normalize import normalize  # noqa: E402
-from ingest.split import split_examples  # noqa: E402
-from store import content_hash  # noqa: E402
+from pocketd.daemon.client import ClientError, DaemonNotRunning, request  # noqa: E402
+from pocketd.ingest.config import IngestConfig  # noqa: E402
+from pocketd.ingest.normalize import normalize  # noqa: E402
+from pocketd.ingest.split import split_examples  # noqa: E402
+from pocketd.store import content_hash  # noqa: E402
 
 DB_NAME = "pocketd.sqlite3"
 WORDS = (
@@ -375,8 +375,8 @@ class Verifier:
         return out
 
     def verify(self, db: Path, s: Snapshot, ids: list[int] | None = None) -> list[str]:
-        from store import Store
-        from trainer.replay import load_checkpoint
+        from pocketd.store import Store
+        from pocketd.trainer.replay import load_checkpoint
 
         problems = []
         ids = self.changed(s) if ids is None else ids
@@ -428,10 +428,10 @@ def _wal_mark(wal: Path) -> tuple[int, int]:
 
 
 def trainer_kills(setup: TrainerSetup, kills: int, tmp: Path, rng: random.Random, notes: int) -> Tally:
-    from ingest.pipeline import ingest_text
-    from store import Store
-    from trainer.config import TrainerConfig
-    from trainer.job import TrainingJob
+    from pocketd.ingest.pipeline import ingest_text
+    from pocketd.store import Store
+    from pocketd.trainer.config import TrainerConfig
+    from pocketd.trainer.job import TrainingJob
 
     tally = Tally(f"trainer ({setup.label})")
     t_start = time.monotonic()
@@ -467,7 +467,7 @@ def trainer_kills(setup: TrainerSetup, kills: int, tmp: Path, rng: random.Random
         kill_at = rng.uniform(0.0, life * 1.1)
         with open(stderr_path, "wb") as err:
             t0 = time.monotonic()
-            proc = subprocess.Popen([sys.executable, "-m", "trainer", "--job", str(job_path)], cwd=ROOT, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "pocketd.trainer", "--job", str(job_path)], cwd=ROOT, env=env,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         sessions += 1
         last: dict[str, Any] | None = None
@@ -537,7 +537,7 @@ def trainer_kills(setup: TrainerSetup, kills: int, tmp: Path, rng: random.Random
                       max_steps=3, status_file=status_path)
     job.write(work / "job.json")
     with open(stderr_path, "wb") as err:
-        code = subprocess.call([sys.executable, "-m", "trainer", "--job", str(work / "job.json")], cwd=ROOT,
+        code = subprocess.call([sys.executable, "-m", "pocketd.trainer", "--job", str(work / "job.json")], cwd=ROOT,
                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     final = snapshot(db)
     if code != 0 or final.total_steps != base.total_steps + 3:
@@ -562,8 +562,8 @@ def cli_verify_all(db: Path, work: Path, setup: TrainerSetup) -> list[str]:
     """`pocketd checkpoint verify ID` for every checkpoint (in-process through click: torch is loaded already)."""
     from click.testing import CliRunner
 
-    from daemon.cli import cli
-    from store import Store
+    from pocketd.daemon.cli import cli
+    from pocketd.store import Store
 
     cfg = work / "config.toml"
     cfg.write_text(
@@ -605,7 +605,7 @@ def ingest_kills(corpus: Corpus, kills: int, tmp: Path, rng: random.Random) -> T
             runs += 1
             log_path = work / "ingest.out"
             with open(log_path, "wb") as out:
-                proc = subprocess.Popen([sys.executable, "-m", "daemon", "ingest", str(corpus.folder)], cwd=ROOT,
+                proc = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "ingest", str(corpus.folder)], cwd=ROOT,
                                         env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             # kill when a random share of what is left has been stored (or at a random time before that)
             left = corpus.distinct - len(base.documents)
@@ -636,7 +636,7 @@ def ingest_kills(corpus: Corpus, kills: int, tmp: Path, rng: random.Random) -> T
             base = after
         # re-running completes the rest, with no duplicates
         with open(work / "ingest.out", "wb") as out:
-            code = subprocess.call([sys.executable, "-m", "daemon", "ingest", str(corpus.folder)], cwd=ROOT, env=env,
+            code = subprocess.call([sys.executable, "-m", "pocketd.daemon", "ingest", str(corpus.folder)], cwd=ROOT, env=env,
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         final = snapshot(db, with_texts=True)
         problems = integrity(db) + document_invariants(final, corpus)
@@ -704,7 +704,7 @@ class DaemonRig:
         log = open(self.work / "daemon.log", "ab")  # noqa: SIM115 - kept open by the child
         log.write(f"\n=== start {self.starts} ===\n".encode())
         log.flush()
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=ROOT, env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         log.close()
@@ -743,7 +743,7 @@ class DaemonRig:
 
 def daemon_kills(corpus: Corpus, ingest_n: int, train_n: int, tmp: Path, rng: random.Random, model_dir: Path,
                  ingest_tally: Tally, train_tally: Tally) -> None:
-    from trainer.config import TrainerConfig
+    from pocketd.trainer.config import TrainerConfig
 
     t_start = time.monotonic()
     batch = 4
@@ -926,7 +926,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="pocketd-crash-"))
     tallies: list[Tally] = []
     try:
-        from trainer.tiny import make_tiny_model_dir
+        from pocketd.trainer.tiny import make_tiny_model_dir
 
         model_dir = make_tiny_model_dir(tmp / "tiny-model", seed=0)
         if args.model in ("tiny", "both") and args.kills > 0:

@@ -19,9 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "til-notes-2020-2023.jsonl"
 sys.path.insert(0, str(REPO))
 
-from ingest.config import IngestConfig  # noqa: E402
-from ingest.pipeline import ingest_paths  # noqa: E402
-from store import Store  # noqa: E402
+from pocketd.ingest.config import IngestConfig  # noqa: E402
+from pocketd.ingest.pipeline import ingest_paths  # noqa: E402
+from pocketd.store import Store  # noqa: E402
 
 
 def _line(label: str, n_docs: int, n_bytes: int, seconds: float) -> str:

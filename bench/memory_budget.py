@@ -2,7 +2,7 @@
 
     python bench/memory_budget.py [--model default] [--steps 6] [--grow-after 3]
 
-Runs the trainer child exactly as the daemon does (`python -m trainer --job FILE`, a job
+Runs the trainer child exactly as the daemon does (`python -m pocketd.trainer --job FILE`, a job
 with `memory_budget_mb`), on a temporary store holding the shipped sample notes, under
 several budgets:
 
@@ -40,19 +40,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import platformdirs  # noqa: E402
 import psutil  # noqa: E402
 
-from daemon.settings import PolicyConfig  # noqa: E402
-from ingest import IngestConfig, ingest_paths  # noqa: E402
-from store import Store  # noqa: E402
-from trainer.config import TrainerConfig  # noqa: E402
-from trainer.job import ExitCode, SessionStatus, TrainingJob  # noqa: E402
+from pocketd.daemon.settings import PolicyConfig  # noqa: E402
+from pocketd.ingest import IngestConfig, ingest_paths  # noqa: E402
+from pocketd.store import Store  # noqa: E402
+from pocketd.trainer.config import TrainerConfig  # noqa: E402
+from pocketd.trainer.job import ExitCode, SessionStatus, TrainingJob  # noqa: E402
 
 MIB = 2**20
 GROWING_TRAINER = """
 import sys
 from pathlib import Path
-import trainer.session as session
-from trainer.budget import rss_mb
-from trainer.job import TrainingJob
+import pocketd.trainer.session as session
+from pocketd.trainer.budget import rss_mb
+from pocketd.trainer.job import TrainingJob
 
 GROW_AFTER = {grow_after}
 job = TrainingJob.read(Path(sys.argv[sys.argv.index("--job") + 1]))
@@ -68,7 +68,7 @@ def apply_update(*args, **kwargs):
         ballast.append(b"\\x01" * (grow * 2**20))
 
 session.apply_update = apply_update
-from trainer.__main__ import main
+from pocketd.trainer.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -87,8 +87,8 @@ def tree_rss_mb(proc: psutil.Process) -> float | None:
 
 
 def estimate_mb(cfg: TrainerConfig, cache_dir: Path) -> float:
-    from trainer.budget import estimate_need_mb
-    from trainer.model import cached_copy, resolve_model
+    from pocketd.trainer.budget import estimate_need_mb
+    from pocketd.trainer.model import cached_copy, resolve_model
 
     return estimate_need_mb(cfg, cached_copy(cfg.model, cache_dir, cfg.dtype) or resolve_model(cfg.model))
 
@@ -98,7 +98,7 @@ def run_one(label: str, job: TrainingJob, workdir: Path, grow_after: int | None,
     job = job.model_copy(update={"status_file": job_path.with_suffix(".status.json")})
     job.write(job_path)
     if grow_after is None:
-        argv = [sys.executable, "-m", "trainer", "--job", str(job_path)]
+        argv = [sys.executable, "-m", "pocketd.trainer", "--job", str(job_path)]
     else:
         argv = [sys.executable, "-c", GROWING_TRAINER.format(grow_after=grow_after), "--job", str(job_path)]
     log_path = job_path.with_suffix(".log")

@@ -36,7 +36,7 @@ def one(model: str, cache_dir: Path, dtype: str) -> dict[str, object]:
     import transformers.models.llama.modeling_llama  # noqa: F401  (transformers imports lazily)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    from trainer.model import load_base
+    from pocketd.trainer.model import load_base
 
     t_import = time.monotonic() - t0
     base = load_base(model, cache_dir, dtype)

@@ -96,7 +96,7 @@ import os, shlex, sys
 from pathlib import Path
 repo, svc, cmd = Path(sys.argv[1]), Path(sys.argv[2]), shlex.split(sys.argv[3])
 sys.path.insert(0, str(repo))
-from daemon.services import ServiceKind, render_service
+from pocketd.daemon.services import ServiceKind, render_service
 for f in render_service(ServiceKind.TERMUX, pocketd_command=cmd, templates_dir=repo / "systemd_termux", sh="/bin/sh"):
     if f.path.parent.name == "boot":
         continue

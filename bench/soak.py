@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from daemon.client import ClientError, request  # noqa: E402
+from pocketd.daemon.client import ClientError, request  # noqa: E402
 
 MIB = 2**20
 SAMPLE_S = 10.0
@@ -160,13 +160,13 @@ def main() -> int:
     log_path = tmp / "daemon.log"
     model_dir = make_tiny_model(tmp / "tiny-model")
     env = daemon_env(tmp, home, power, inbox, model_dir)
-    subprocess.run([sys.executable, "-m", "daemon", "demo"], cwd=ROOT, env=env, check=True,
+    subprocess.run([sys.executable, "-m", "pocketd.daemon", "demo"], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL)
     sock = tmp / "run" / "pocketd" / "pocketd.sock"
     timeline = Timeline()
     set_power(power, True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
     timeline.set(now(), True)
     daemon = psutil.Process(proc.pid)

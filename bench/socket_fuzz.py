@@ -2,7 +2,7 @@
 
     python bench/socket_fuzz.py [--requests 10000] [--clients 100] [--per-client 20] [--slow 5] [--seed 0]
 
-Starts a private daemon (`python -m daemon run`) in a temporary home: the fake charger
+Starts a private daemon (`python -m pocketd.daemon run`) in a temporary home: the fake charger
 plugged, the sample notes ingested, the real trainer on a tiny random model
 (trainer.tiny, one torch thread), so a session trains the whole time. Then, on the
 daemon's real limits (1 MiB requests, 10 s request timeout, 32 connections):
@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from daemon.client import Client, ClientError, DaemonNotRunning, request  # noqa: E402
-from daemon.protocol import ARGS, Command, ErrorCode, unix_address  # noqa: E402
+from pocketd.daemon.client import Client, ClientError, DaemonNotRunning, request  # noqa: E402
+from pocketd.daemon.protocol import ARGS, Command, ErrorCode, unix_address  # noqa: E402
 from status_latency import percentiles  # noqa: E402
 
 MAX_REQUEST = 1 << 20  # the daemon's default request_max_bytes, which this bench keeps
@@ -479,10 +479,10 @@ def start_daemon(tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
     )
     subprocess.run([sys.executable, "-c", "import sys; from trainer.tiny import make_tiny_model_dir; "
                     "make_tiny_model_dir(sys.argv[1], seed=0)", str(model)], cwd=ROOT, env=env, check=True)
-    subprocess.run([sys.executable, "-m", "daemon", "demo"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "pocketd.daemon", "demo"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     log_path = tmp / "daemon.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
     sock = tmp / "run" / "pocketd" / "pocketd.sock"
     deadline = time.monotonic() + 300

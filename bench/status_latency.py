@@ -2,7 +2,7 @@
 
     python bench/status_latency.py [-n 1000] [--socket PATH]
 
-Without --socket it starts a private daemon (`python -m daemon run`) in a temporary
+Without --socket it starts a private daemon (`python -m pocketd.daemon run`) in a temporary
 home (fake charger unplugged, empty store, so it sits idle), measures, and stops it
 with SIGTERM. Two series: a new connection per request (what `pocketd status` does)
 and one persistent connection. Prints p50/p90/p99/max in milliseconds.
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from daemon.client import Client, DaemonNotRunning, request  # noqa: E402
+from pocketd.daemon.client import Client, DaemonNotRunning, request  # noqa: E402
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -70,7 +70,7 @@ def start_private_daemon(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
     })
     (tmp / "run").mkdir(mode=0o700)
     sock = tmp / "run" / "pocketd" / "pocketd.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

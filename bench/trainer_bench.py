@@ -201,7 +201,7 @@ def ru_maxrss_mib() -> float:
 
 
 def trainer_config(s: Settings, **overrides: Any) -> Any:
-    from trainer.config import TrainerConfig
+    from pocketd.trainer.config import TrainerConfig
 
     # Issue 3's figures are for textbook LoRA-MeZO (every layer, A and B, lr 1e-4, sgd, full
     # forwards); pocketd's later defaults (bench/zo_quality.py) are pinned away here.
@@ -216,15 +216,15 @@ def trainer_config(s: Settings, **overrides: Any) -> Any:
 
 
 def load_default(s: Settings, dtype: str = "float32") -> Any:
-    from trainer.model import load_base
+    from pocketd.trainer.model import load_base
 
     return load_base("default", Path(s.cache_dir), dtype)
 
 
 def fixed_batch(s: Settings, tokenizer: Any, batch_size: int) -> Any:
     """`batch_size` full-length training windows chosen by a private RNG (the same for every worker)."""
-    from store import Store
-    from trainer.data import collate, items_for, pad_id_of
+    from pocketd.store import Store
+    from pocketd.trainer.data import collate, items_for, pad_id_of
 
     with Store.open(s.store) as store:
         items = items_for(store, tokenizer, "train", s.seq)
@@ -235,7 +235,7 @@ def fixed_batch(s: Settings, tokenizer: Any, batch_size: int) -> Any:
 
 def head_rows(batch: Any, n: int) -> Any:
     """The first n rows of a batch (a cheap warm-up that runs the same code as a micro-batch)."""
-    from trainer.loss import Batch
+    from pocketd.trainer.loss import Batch
 
     return Batch(batch.input_ids[:n], batch.attention_mask[:n], batch.example_ids[:n])
 
@@ -265,7 +265,7 @@ class AdapterSwitch:
     """Swap LoRA modules out (plain base linears) and back in: the base forward in a LoRA worker."""
 
     def __init__(self, model: Any) -> None:
-        from trainer.lora import lora_modules
+        from pocketd.trainer.lora import lora_modules
 
         self.model = model
         self.mods = lora_modules(model)
@@ -293,8 +293,8 @@ def z_seconds(params: Any, seed: int) -> float:
 
 def worker_prepare(s: Settings) -> dict[str, Any]:
     """Convert the GGUF into the cache (first run only) and fill the store's token cache."""
-    from store import Store
-    from trainer.data import items_for
+    from pocketd.store import Store
+    from pocketd.trainer.data import items_for
 
     t0 = time.monotonic()
     base = load_default(s)
@@ -317,7 +317,7 @@ def worker_prepare(s: Settings) -> dict[str, Any]:
 def worker_forward(s: Settings, batch_size: int) -> dict[str, Any]:
     import torch
 
-    from trainer.loss import loss_sum
+    from pocketd.trainer.loss import loss_sum
 
     sampler = RssSampler()
     base = load_default(s)
@@ -360,11 +360,11 @@ def worker_mezo(s: Settings, trainable: str, batch_size: int, dtype: str = "floa
     For lora the base forward (adapters swapped out) is measured too, interleaved:
     the step runs the adapter-carrying forward twice, an inference user runs the base one.
     """
-    from trainer.config import Trainable
-    from trainer.loss import loss_sum, mean_loss
-    from trainer.replay import Spec, estimator_dict, prepare_model
-    from trainer.session import lr_at
-    from trainer.zo import Restore, apply_update, estimate
+    from pocketd.trainer.config import Trainable
+    from pocketd.trainer.loss import loss_sum, mean_loss
+    from pocketd.trainer.replay import Spec, estimator_dict, prepare_model
+    from pocketd.trainer.session import lr_at
+    from pocketd.trainer.zo import Restore, apply_update, estimate
 
     sampler = RssSampler()
     base = load_default(s, dtype)
@@ -422,9 +422,9 @@ def adamw_setup(s: Settings, base: Any, trainable: str, lr: float) -> tuple[Any,
     """An AdamW optimizer over either every weight or the LoRA adapters of the default spec."""
     import torch
 
-    from trainer.config import Trainable
-    from trainer.lora import lora_modules
-    from trainer.replay import Spec, prepare_model
+    from pocketd.trainer.config import Trainable
+    from pocketd.trainer.lora import lora_modules
+    from pocketd.trainer.replay import Spec, prepare_model
 
     model = base.model
     if trainable == "lora":
@@ -466,8 +466,8 @@ def worker_adamw(s: Settings, trainable: str, batch_size: int) -> dict[str, Any]
 
 def synthetic_steps(n: int, lr: float, seed: int, n_docs: int = 8) -> list[Any]:
     """n single-perturbation steps with random seeds and gradients (and 8 document ids, as at bs 8)."""
-    from store import StepRecord
-    from trainer.zo import f32
+    from pocketd.store import StepRecord
+    from pocketd.trainer.zo import f32
 
     rng = random.Random(seed)
     return [
@@ -487,12 +487,12 @@ def db_bytes(store: Any) -> int:
 
 def worker_log_replay(s: Settings) -> dict[str, Any]:
     """Log bytes per step (store row, packed file) and replay time of synthetic LoRA steps."""
-    from store import Store
-    from trainer.checkpoints import to_file
-    from trainer.ckptfile import pack
-    from trainer.config import Trainable
-    from trainer.replay import Spec, estimator_dict, prepare_model, replay
-    from trainer.zo import Restore, replay_step
+    from pocketd.store import Store
+    from pocketd.trainer.checkpoints import to_file
+    from pocketd.trainer.ckptfile import pack
+    from pocketd.trainer.config import Trainable
+    from pocketd.trainer.replay import Spec, estimator_dict, prepare_model, replay
+    from pocketd.trainer.zo import Restore, replay_step
 
     sampler = RssSampler()
     base = load_default(s)
@@ -548,8 +548,8 @@ def worker_log_replay(s: Settings) -> dict[str, Any]:
 
 def worker_quality_mezo(s: Settings) -> dict[str, Any]:
     """pocketd's own session (default TrainerConfig, lora MeZO) for `minutes`, with its evaluation gate."""
-    from trainer.job import SessionStatus, TrainingJob
-    from trainer.session import run_session
+    from pocketd.trainer.job import SessionStatus, TrainingJob
+    from pocketd.trainer.session import run_session
 
     db = copy_store(s.store, Path(s.work_dir) / "quality-mezo" / "store.db")
     cfg = trainer_config(s)
@@ -590,9 +590,9 @@ def worker_quality_mezo(s: Settings) -> dict[str, Any]:
 
 def worker_quality_adamw(s: Settings) -> dict[str, Any]:
     """LoRA-AdamW under the same accounting as the session: the budget starts before the model loads."""
-    from store import Store
-    from trainer.data import BatchSampler, collate, items_for, pad_id_of
-    from trainer.evaluate import eval_items, evaluate
+    from pocketd.store import Store
+    from pocketd.trainer.data import BatchSampler, collate, items_for, pad_id_of
+    from pocketd.trainer.evaluate import eval_items, evaluate
 
     sampler = RssSampler()
     t_start = time.monotonic()
@@ -658,8 +658,8 @@ def run_worker(name: str, settings_json: str) -> None:
 
 
 def ingest_store(path: Path) -> dict[str, Any]:
-    from ingest import IngestConfig, ingest_paths
-    from store import Store
+    from pocketd.ingest import IngestConfig, ingest_paths
+    from pocketd.store import Store
 
     with Store.open(path) as store:
         report = ingest_paths(store, [TIL_NOTES], IngestConfig())

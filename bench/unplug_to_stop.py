@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from daemon.client import DaemonNotRunning, request  # noqa: E402
+from pocketd.daemon.client import DaemonNotRunning, request  # noqa: E402
 
 
 def one_run(fake: bool, steps: int, show_log: bool = False) -> dict[str, object]:
@@ -46,9 +46,9 @@ def one_run(fake: bool, steps: int, show_log: bool = False) -> dict[str, object]
             POCKETD_POLICY__MAX_LOAD="100", POCKETD_TRAINER__BATCH_SIZE="2",
             POCKETD_TRAINER__MICRO_BATCH_SIZE="2", POCKETD_TRAINER__SEQ_LEN="64",
         )
-        subprocess.run([sys.executable, "-m", "daemon", "demo"], cwd=ROOT, env=env, check=True,
+        subprocess.run([sys.executable, "-m", "pocketd.daemon", "demo"], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL)
-        argv = [sys.executable, "-m", "daemon", "run"]
+        argv = [sys.executable, "-m", "pocketd.daemon", "run"]
         if fake:
             argv += ["--trainer-command", f"{sys.executable} {ROOT / 'tests' / 'fake_trainer.py'} --step-s 0.05"]
         log_path = tmp / "daemon.log"

@@ -61,14 +61,14 @@ ADAMW_SPEC = {"lora_layers": None, "lora_fa": False, "lora_targets": "attention"
 
 
 def config(a: dict[str, Any], **fields: Any) -> Any:
-    from trainer.config import TrainerConfig
+    from pocketd.trainer.config import TrainerConfig
 
     return TrainerConfig(seq_len=a["seq"], seed=a["seed"], batch_size=a["batch_size"],
                          eval_examples=a["eval_windows"], **fields)
 
 
 def full_forward_s(model: Any, batch: Any, cfg: Any, k: int = 3) -> float:
-    from trainer.loss import mean_loss
+    from pocketd.trainer.loss import mean_loss
 
     kw = {"micro_batch": cfg.micro_batch_size, "chunk_tokens": cfg.loss_chunk_tokens}
     mean_loss(model, batch, **kw)
@@ -83,8 +83,8 @@ def full_forward_s(model: Any, batch: Any, cfg: Any, k: int = 3) -> float:
 def fixed_batch(a: dict[str, Any], tokenizer: Any, store_path: str, n: int, offset: int = 0) -> Any:
     import random
 
-    from store import Store
-    from trainer.data import collate, items_for, pad_id_of
+    from pocketd.store import Store
+    from pocketd.trainer.data import collate, items_for, pad_id_of
 
     with Store.open(store_path) as store:
         items = [it for it in items_for(store, tokenizer, "train", a["seq"]) if len(it.ids) == a["seq"]]
@@ -106,9 +106,9 @@ def private_cache(a: dict[str, Any]) -> Path:
 
 def worker_session(a: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     """pocketd's own session for the budget, its gate's evaluations as before/after."""
-    from trainer.job import SessionStatus, TrainingJob
-    from trainer.model import load_base
-    from trainer.session import run_session
+    from pocketd.trainer.job import SessionStatus, TrainingJob
+    from pocketd.trainer.model import load_base
+    from pocketd.trainer.session import run_session
 
     db = tb.copy_store(a["store"], Path(a["work_dir"]) / f"s{os.getpid()}" / "store.db")
     cfg = config(a, **fields)
@@ -132,7 +132,7 @@ def worker_session(a: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     base = load_base(cfg.model, Path(a["cache_dir"]), cfg.dtype)
     fwd = full_forward_s(base.model, fixed_batch(a, base.tokenizer, a["store"], cfg.batch_size), cfg)
     before, after = outcome.parent_val_loss, outcome.val_loss
-    from store import Store
+    from pocketd.store import Store
 
     with Store.open(db) as store:
         recs = list(store.log.steps(outcome.checkpoint_id)) if outcome.checkpoint_id else []
@@ -158,12 +158,12 @@ def worker_adamw(a: dict[str, Any], lr: float) -> dict[str, Any]:
     """LoRA-AdamW with the same budget accounting, batches and held-out windows as the sessions."""
     import random
 
-    from store import Store
-    from trainer.data import BatchSampler, collate, items_for, pad_id_of
-    from trainer.evaluate import eval_items, evaluate
-    from trainer.lora import lora_modules
-    from trainer.model import load_base
-    from trainer.replay import Spec, prepare_model
+    from pocketd.store import Store
+    from pocketd.trainer.data import BatchSampler, collate, items_for, pad_id_of
+    from pocketd.trainer.evaluate import eval_items, evaluate
+    from pocketd.trainer.lora import lora_modules
+    from pocketd.trainer.model import load_base
+    from pocketd.trainer.replay import Spec, prepare_model
 
     import torch
 
@@ -203,12 +203,12 @@ def worker_adamw(a: dict[str, Any], lr: float) -> dict[str, Any]:
 
 def worker_step_cost(a: dict[str, Any]) -> dict[str, Any]:
     """Median seconds of one ZO step (the session's own step function) over one full forward, interleaved."""
-    from trainer.job import TrainingJob
-    from trainer.loss import mean_loss
-    from trainer.model import load_base
-    from trainer.replay import Spec, prepare_model
-    from trainer.session import _step_plan
-    from trainer.zo import Restore
+    from pocketd.trainer.job import TrainingJob
+    from pocketd.trainer.loss import mean_loss
+    from pocketd.trainer.model import load_base
+    from pocketd.trainer.replay import Spec, prepare_model
+    from pocketd.trainer.session import _step_plan
+    from pocketd.trainer.zo import Restore
 
     out: dict[str, Any] = {}
     k = a["cost_repeats"]
@@ -257,12 +257,12 @@ def worker_step_cost(a: dict[str, Any]) -> dict[str, Any]:
 def worker_side_epochs(a: dict[str, Any]) -> dict[str, Any]:
     """The side method's step time over the same examples twice: epoch 1 fills the activation cache
     (the backbone runs), epoch 2 reads it (only the trained part, the head and its backward run)."""
-    from trainer.job import TrainingJob
-    from trainer.model import load_base
-    from trainer.prefix import Parts, batch_prefixes
-    from trainer.actcache import ActivationCache
-    from trainer.backprop import loss_backward
-    from trainer.side import SideSpec, attach_side
+    from pocketd.trainer.job import TrainingJob
+    from pocketd.trainer.model import load_base
+    from pocketd.trainer.prefix import Parts, batch_prefixes
+    from pocketd.trainer.actcache import ActivationCache
+    from pocketd.trainer.backprop import loss_backward
+    from pocketd.trainer.side import SideSpec, attach_side
 
     import torch
 

@@ -8,6 +8,7 @@ daemon and the quick commands stay light.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import sqlite3
 import sys
@@ -37,7 +38,7 @@ class AppContext:
         return self._loaded
 
     def open_store(self) -> Any:
-        from store import Store
+        from pocketd.store import Store
 
         return Store.open(self.loaded.config.paths.database)
 
@@ -50,7 +51,7 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from store import StoreError
+        from pocketd.store import StoreError
 
         known: tuple[type[BaseException], ...] = (ConfigError, StoreError, *_extra_user_errors())
         try:
@@ -79,13 +80,13 @@ def _extra_user_errors() -> tuple[type[BaseException], ...]:
     """Error bases of the other packages, if their modules are importable without torch."""
     out: list[type[BaseException]] = []
     try:
-        from ingest.errors import IngestError
+        from pocketd.ingest.errors import IngestError
 
         out.append(IngestError)
     except ImportError:
         pass
     try:
-        from trainer.errors import TrainerError
+        from pocketd.trainer.errors import TrainerError
 
         out.append(TrainerError)
     except ImportError:
@@ -121,9 +122,9 @@ def _register() -> None:
     cli.add_command(cli_config.config)
     for module_name in ("cli_data", "cli_train", "cli_daemon", "cli_service", "cli_model"):
         try:
-            module = __import__(f"daemon.{module_name}", fromlist=["COMMANDS"])
+            module = importlib.import_module(f"{__package__}.{module_name}")
         except ModuleNotFoundError as e:
-            if e.name != f"daemon.{module_name}":
+            if e.name != f"{__package__}.{module_name}":
                 raise
             continue
         for command in module.COMMANDS:

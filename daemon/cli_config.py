@@ -8,7 +8,7 @@ import click
 
 from .cli import AppContext, pass_app
 from .config import default_config_path, render, validate_file
-from store import make_private_dir
+from pocketd.store import make_private_dir
 
 
 @click.group()

@@ -86,7 +86,7 @@ def configure_logging(level: str, supervised: bool) -> None:
 
 @click.command()
 @click.option("--trainer-command", hidden=True, default=None,
-              help="Run this instead of `python -m trainer` (tests, wrappers); --job FILE is appended.")
+              help="Run this instead of `python -m pocketd.trainer` (tests, wrappers); --job FILE is appended.")
 @pass_app
 def run(app: AppContext, trainer_command: str | None) -> None:
     """Run the daemon in the foreground (it never forks; stop it with SIGTERM or Ctrl-C)."""

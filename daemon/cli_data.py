@@ -12,12 +12,12 @@ from typing import Any
 
 import click
 
-from ingest import pipeline as ingest_pipeline
-from ingest.forget import forget as forget_documents
-from ingest.forget import resolve as resolve_documents
-from ingest.pipeline import ingest_paths
-from ingest.report import IngestReport, plural
-from store import Stats, Store
+from pocketd.ingest import pipeline as ingest_pipeline
+from pocketd.ingest.forget import forget as forget_documents
+from pocketd.ingest.forget import resolve as resolve_documents
+from pocketd.ingest.pipeline import ingest_paths
+from pocketd.ingest.report import IngestReport, plural
+from pocketd.store import Stats, Store
 
 from .cli import AppContext, pass_app
 
@@ -29,7 +29,7 @@ def _forget_checkpoints(app: AppContext, store: Store, document_ids: Sequence[in
     checkpoint's id, whose hashes `_record_rebuilt_hashes` records once the
     documents are gone.
     """
-    from trainer.checkpoints import plan_forget, rebuild_without
+    from pocketd.trainer.checkpoints import plan_forget, rebuild_without
 
     plan = plan_forget(store, list(document_ids))
     if not plan.affected:
@@ -52,7 +52,7 @@ def _forget_checkpoints(app: AppContext, store: Store, document_ids: Sequence[in
 
 def _record_rebuilt_hashes(app: AppContext, store: Store, checkpoint_id: int) -> None:
     """Replay the rebuilt chain once and store its hashes, so `checkpoint verify` covers it."""
-    from trainer.replay import record_hashes
+    from pocketd.trainer.replay import record_hashes
 
     cfg = app.loaded.config
     record_hashes(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id)
@@ -61,7 +61,7 @@ def _record_rebuilt_hashes(app: AppContext, store: Store, checkpoint_id: int) ->
 
 def _clear_activation_cache(app: AppContext) -> None:
     """Cached activations are derived from the text: forgetting documents drops the whole cache."""
-    from trainer.config import activation_cache_dir
+    from pocketd.trainer.config import activation_cache_dir
 
     path = activation_cache_dir(app.loaded.config.paths.cache_dir)
     if path.exists():

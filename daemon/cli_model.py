@@ -23,10 +23,10 @@ def _load(app: AppContext, checkpoint_id: int | None, base_only: bool) -> tuple[
 
         torch.set_num_threads(cfg.trainer.threads)
     if base_only:
-        from trainer.model import load_base
+        from pocketd.trainer.model import load_base
 
         return load_base(cfg.trainer.model, cfg.paths.cache_dir, cfg.trainer.dtype), None
-    from trainer.replay import load_checkpoint
+    from pocketd.trainer.replay import load_checkpoint
 
     with app.open_store() as store:
         base, _params, ck = load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id)
@@ -54,7 +54,7 @@ def _describe(ck: Any) -> str:
 def generate(app: AppContext, prompt: str, max_tokens: int, temperature: float, top_p: float,
              seed: int | None, base_only: bool, checkpoint_id: int | None, no_chat: bool) -> None:
     """Generate a reply to PROMPT ("-" reads it from stdin), streamed to stdout."""
-    from trainer.generate import generate as run
+    from pocketd.trainer.generate import generate as run
 
     if base_only and checkpoint_id is not None:
         raise click.UsageError("--base and --checkpoint exclude each other")
@@ -85,10 +85,10 @@ def generate(app: AppContext, prompt: str, max_tokens: int, temperature: float, 
 def export(app: AppContext, merged_dir: Path | None, adapter_dir: Path | None, checkpoint_id: int | None,
            force: bool) -> None:
     """Export the current (or a given) checkpoint: --merged DIR or --adapter DIR."""
-    from trainer.errors import ExportError
-    from trainer.export import export_adapter, export_merged
-    from trainer.lora import lora_modules
-    from trainer.replay import Spec
+    from pocketd.trainer.errors import ExportError
+    from pocketd.trainer.export import export_adapter, export_merged
+    from pocketd.trainer.lora import lora_modules
+    from pocketd.trainer.replay import Spec
 
     if (merged_dir is None) == (adapter_dir is None):
         raise click.UsageError("give exactly one of --merged DIR and --adapter DIR")
@@ -126,10 +126,10 @@ def _lora_spec(ck: Any) -> Any:
     if ck is None:
         return None
     if ck.method == "side":
-        from trainer.side import SideSpec
+        from pocketd.trainer.side import SideSpec
 
         return SideSpec.from_dict(ck.spec).lora
-    from trainer.replay import Spec
+    from pocketd.trainer.replay import Spec
 
     return Spec.from_dict(ck.spec).lora
 

@@ -15,7 +15,7 @@ from .cli import AppContext, pass_app
 
 
 def _job(app: AppContext, minutes: float | None, steps: int | None, evaluate: bool) -> Any:
-    from trainer.job import TrainingJob
+    from pocketd.trainer.job import TrainingJob
 
     cfg = app.loaded.config
     return TrainingJob(
@@ -42,8 +42,8 @@ def _fmt_status(s: Any) -> str:
 @pass_app
 def train(app: AppContext, minutes: float | None, steps: int | None, no_eval: bool) -> None:
     """Run one training session in the foreground (Ctrl-C finishes the step and stops)."""
-    from store import make_private_dir
-    from trainer.session import run_session
+    from pocketd.store import make_private_dir
+    from pocketd.trainer.session import run_session
 
     if minutes is None and steps is None:
         minutes = app.loaded.config.policy.max_session_minutes
@@ -85,11 +85,11 @@ def train(app: AppContext, minutes: float | None, steps: int | None, no_eval: bo
 @pass_app
 def eval_cmd(app: AppContext, as_json: bool) -> None:
     """Validation loss and perplexity of the base model and of the current checkpoint."""
-    from trainer.data import items_for, pad_id_of
-    from trainer.errors import NoTrainingData
-    from trainer.evaluate import eval_items, evaluate
-    from trainer.model import load_base
-    from trainer.replay import apply_checkpoint
+    from pocketd.trainer.data import items_for, pad_id_of
+    from pocketd.trainer.errors import NoTrainingData
+    from pocketd.trainer.evaluate import eval_items, evaluate
+    from pocketd.trainer.model import load_base
+    from pocketd.trainer.replay import apply_checkpoint
 
     cfg = app.loaded.config
     tc = cfg.trainer
@@ -156,7 +156,7 @@ def ck_show(app: AppContext, checkpoint_id: int) -> None:
 @pass_app
 def ck_verify(app: AppContext, checkpoint_id: int) -> None:
     """Replay a checkpoint's chain and compare every stored hash."""
-    from trainer.replay import load_checkpoint
+    from pocketd.trainer.replay import load_checkpoint
 
     cfg = app.loaded.config
     with app.open_store() as store:
@@ -177,9 +177,9 @@ def ck_verify(app: AppContext, checkpoint_id: int) -> None:
 @pass_app
 def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool) -> None:
     """Write a checkpoint's whole chain as a compact standalone file."""
-    from trainer import ckptfile, sidefile
-    from trainer.checkpoints import side_to_file, to_file
-    from trainer.job import write_private_bytes
+    from pocketd.trainer import ckptfile, sidefile
+    from pocketd.trainer.checkpoints import side_to_file, to_file
+    from pocketd.trainer.job import write_private_bytes
 
     if file.exists() and not force:
         raise click.ClickException(f"{file} exists; use --force to overwrite it")
@@ -197,12 +197,12 @@ def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool) -> N
 @pass_app
 def ck_import(app: AppContext, file: Path) -> None:
     """Import a checkpoint file, verify it (replay, or the side tensors' hash), and make it current."""
-    from store import Status
-    from trainer import sidefile
-    from trainer.checkpoints import from_file, side_from_file
-    from trainer.ckptfile import unpack
-    from trainer.errors import CheckpointFileError, ReplayMismatch
-    from trainer.replay import load_checkpoint
+    from pocketd.store import Status
+    from pocketd.trainer import sidefile
+    from pocketd.trainer.checkpoints import from_file, side_from_file
+    from pocketd.trainer.ckptfile import unpack
+    from pocketd.trainer.errors import CheckpointFileError, ReplayMismatch
+    from pocketd.trainer.replay import load_checkpoint
 
     try:
         data = file.read_bytes()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from store import StoreError
+from pocketd.store import StoreError
 
 from .protocol import (
     Command,
@@ -149,7 +149,7 @@ class Commands:
         return ok_reply(session_id=session_id, stopping=True, grace_s=self.daemon.config.daemon.stop_grace_s)
 
     def cmd_ingest(self, args: IngestArgs) -> dict[str, Any]:
-        from ingest.pipeline import ingest_text
+        from pocketd.ingest.pipeline import ingest_text
 
         d = self.daemon
         with d.guarded_store() as s:

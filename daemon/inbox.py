@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingest.config import IngestConfig
+from pocketd.ingest.config import IngestConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class InboxWatcher:
         changed = self.changed_files()
         if not changed:
             return None
-        from ingest.pipeline import ingest_paths
+        from pocketd.ingest.pipeline import ingest_paths
 
         report = ingest_paths(store, [p for p, _ in changed], self.config, source=str(self.folder.resolve()))
         for path, fp in changed:  # rejected files too: they are retried only when they change

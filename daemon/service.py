@@ -6,7 +6,7 @@ runs) and `inbox-poll`; the control server runs one thread per connection. Share
 state is guarded by `_lock` (daemon state); the store by its own lock (GuardedStore).
 Lock order: `_lock` -> supervisor lock -> store lock. Probes are read outside `_lock`.
 
-The daemon never imports torch: training runs in `python -m trainer --job FILE`.
+The daemon never imports torch: training runs in `python -m pocketd.trainer --job FILE`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from store import Store
-from trainer.job import TrainingJob
+from pocketd.store import Store
+from pocketd.trainer.job import TrainingJob
 
 from . import notify
 from .inbox import InboxWatcher
@@ -53,7 +53,7 @@ ReadingsSource = Callable[[AwaySignal, "int | None"], Readings]
 
 
 def default_trainer_command() -> list[str]:
-    return [sys.executable, "-m", "trainer"]
+    return [sys.executable, "-m", "pocketd.trainer"]
 
 
 def trainer_environment() -> dict[str, str]:

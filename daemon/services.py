@@ -1,11 +1,11 @@
 """Render and install the service files: a systemd user unit, or termux-services (runit) + Termux:Boot.
 
-The templates are package data (`daemon/service_templates/`, a copy of the repo's
-`systemd_termux/`, kept identical by a test). `@NAME@` placeholders are filled from
+The templates are the repository's `systemd_termux/` folder, installed as the package data
+of `pocketd.systemd_termux` (one copy, one place). `@NAME@` placeholders are filled from
 the environment and the config:
 
     @POCKETD@         the pocketd command (the console script next to this Python, else on PATH,
-                      else `python -m daemon`)
+                      else `python -m pocketd.daemon`)
     @SH@              $PREFIX/bin/sh on Termux, /bin/sh elsewhere
     @PREFIX@ @HOME@   from the environment
     @MEMORY_MAX@      [policy] memory_budget_mb + 256 MiB (the daemon itself), as "1792M"
@@ -106,13 +106,13 @@ def default_pocketd_command(env: Mapping[str, str] | None = None) -> list[str]:
     found = shutil.which("pocketd", path=env.get("PATH"))
     if found:
         return [str(Path(found).absolute())]
-    return [sys.executable, "-m", "daemon"]
+    return [sys.executable, "-m", "pocketd.daemon"]
 
 
 def _templates_root(templates_dir: Path | None) -> Path:
     if templates_dir is not None:
         return templates_dir
-    return Path(str(resources.files("daemon") / "service_templates"))
+    return Path(str(resources.files("pocketd.systemd_termux")))
 
 
 def _sh_words(words: Sequence[str]) -> str:

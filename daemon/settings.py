@@ -9,8 +9,8 @@ from pathlib import Path
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ingest.config import IngestConfig
-from trainer.config import TrainerConfig
+from pocketd.ingest.config import IngestConfig
+from pocketd.trainer.config import TrainerConfig
 
 APP = "pocketd"
 

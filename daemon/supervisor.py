@@ -22,8 +22,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from store import make_private_dir
-from trainer.job import ExitCode, SessionStatus, TrainingJob
+from pocketd.store import make_private_dir
+from pocketd.trainer.job import ExitCode, SessionStatus, TrainingJob
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from store import Document, Store
+from pocketd.store import Document, Store
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from store import Store
+from pocketd.store import Store
 
 from .config import IngestConfig
 from .decode import check_size, check_text

@@ -31,6 +31,6 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama model directory (trainer.tiny, seed 0), built once; tests must not modify it."""
-    from trainer.tiny import make_tiny_model_dir
+    from pocketd.trainer.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from daemon.settings import DaemonConfig, PathsConfig, PocketdConfig, PolicyConfig
+from pocketd.daemon.settings import DaemonConfig, PathsConfig, PocketdConfig, PolicyConfig
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 T = TypeVar("T")
@@ -42,7 +42,7 @@ def make_config(tmp_path: Path, *, policy: dict[str, Any] | None = None,
 
 
 def add_examples(config: PocketdConfig, n: int = 3) -> None:
-    from store import Store
+    from pocketd.store import Store
 
     with Store.open(config.paths.database) as store:
         for i in range(n):
@@ -71,7 +71,7 @@ class DaemonFactory:
 
     def __call__(self, *trainer_args: str, policy: dict[str, Any] | None = None,
                  daemon: dict[str, Any] | None = None, start: bool = True, **kwargs: Any) -> Any:
-        from daemon.service import Daemon
+        from pocketd.daemon.service import Daemon
 
         config = make_config(self.tmp_path, policy=policy, daemon=daemon)
         kwargs.setdefault("supervise_interval_s", 0.2)
@@ -94,7 +94,7 @@ def wait_until_training(daemon: "subprocess.Popen[bytes]", sock: Path, log_path:
     or, with `fail_on_failed_session`, a session ends as failed first."""
     import pytest
 
-    from daemon.client import DaemonNotRunning, request
+    from pocketd.daemon.client import DaemonNotRunning, request
 
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = {}

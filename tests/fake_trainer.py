@@ -1,4 +1,4 @@
-"""A stand-in for `python -m trainer --job JOB.json` that honours trainer/job.py's contract, without torch.
+"""A stand-in for `python -m pocketd.trainer --job JOB.json` that honours trainer/job.py's contract, without torch.
 
     fake_trainer.py [--mode normal|ignore-term|crash|exit-code] [--step-s S] [--steps N] [--code C] --job FILE
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.job import ExitCode, SessionStatus, TrainingJob, write_private_json  # noqa: E402
+from pocketd.trainer.job import ExitCode, SessionStatus, TrainingJob, write_private_json  # noqa: E402
 
 
 def main() -> int:

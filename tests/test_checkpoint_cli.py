@@ -1,4 +1,4 @@
-"""`pocketd train | eval | checkpoint | forget` in-process, and `python -m trainer` under SIGTERM."""
+"""`pocketd train | eval | checkpoint | forget` in-process, and `python -m pocketd.trainer` under SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from daemon.cli import cli
-from store import Status, Store
-from trainer.ckptfile import pack, unpack
-from trainer.checkpoints import to_file
-from trainer.errors import CheckpointFileError
-from trainer.job import ExitCode, TrainingJob
+from pocketd.daemon.cli import cli
+from pocketd.store import Status, Store
+from pocketd.trainer.ckptfile import pack, unpack
+from pocketd.trainer.checkpoints import to_file
+from pocketd.trainer.errors import CheckpointFileError
+from pocketd.trainer.job import ExitCode, TrainingJob
 
 from tests.trainer_helpers import NOTES, fill_store, make_job, start_trainer
 
@@ -132,7 +132,7 @@ def test_trainer_child_process_sigterm_finishes_step_and_exits_0(tmp_path, tiny_
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == ExitCode.OK, out.decode()
     assert oct(job.status_file.stat().st_mode & 0o777) == "0o600"
-    from trainer.replay import load_checkpoint
+    from pocketd.trainer.replay import load_checkpoint
 
     with Store.open(job.database) as store:
         ck = store.log.list()[-1]
@@ -144,7 +144,7 @@ def test_trainer_child_process_sigterm_finishes_step_and_exits_0(tmp_path, tiny_
 def test_bad_job_file_exits_2(tmp_path):
     bad = tmp_path / "job.json"
     bad.write_text('{"database": 3}')
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--job", str(bad)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pocketd.trainer", "--job", str(bad)], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == ExitCode.BAD_JOB and "invalid job file" in proc.stderr
 

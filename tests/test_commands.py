@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.client import Client, DaemonError, request
-from daemon.protocol import Command
-from daemon.statusfmt import format_history, format_status, headline
+from pocketd.daemon.client import Client, DaemonError, request
+from pocketd.daemon.protocol import Command
+from pocketd.daemon.statusfmt import format_history, format_status, headline
 
 from .daemon_helpers import DaemonFactory, add_examples, set_power, wait_for
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from daemon.cli import cli
-from daemon.config import ConfigError, default_config_path, load_config, validate_file
-from daemon.settings import PocketdConfig
+from pocketd.daemon.cli import cli
+from pocketd.daemon.config import ConfigError, default_config_path, load_config, validate_file
+from pocketd.daemon.settings import PocketdConfig
 
 
 def write(path: Path, text: str) -> Path:

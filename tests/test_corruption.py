@@ -7,7 +7,7 @@
   (tests/test_checkpoint_cli.py covers the basic truncate / flip / magic cases);
 - config file: truncated, bit-flipped, invalid UTF-8 -> the error names the file;
 - the checkpoint log: steps, hashes or step counts tampered in the database -> a training
-  session refuses before writing anything (ReplayMismatch), `python -m trainer` exits BAD_LOG,
+  session refuses before writing anything (ReplayMismatch), `python -m pocketd.trainer` exits BAD_LOG,
   and the daemon reports why in `status` and `history`; a new candidate commits together with its
   step-0 hash (a kill in between leaves nothing half-made).
 """
@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from daemon.cli import cli
-from store import Status, Store
-from trainer.ckptfile import MAGIC
-from trainer.config import TrainerConfig
-from trainer.errors import ReplayMismatch
-from trainer.job import ExitCode
+from pocketd.daemon.cli import cli
+from pocketd.store import Status, Store
+from pocketd.trainer.ckptfile import MAGIC
+from pocketd.trainer.config import TrainerConfig
+from pocketd.trainer.errors import ReplayMismatch
+from pocketd.trainer.job import ExitCode
 
 from tests.daemon_helpers import wait_for
 from tests.trainer_helpers import NOTES, fill_store, make_job, run
@@ -305,8 +305,8 @@ def tamper(db: Path, sql: str) -> None:
 @pytest.mark.parametrize("name", sorted(TAMPER))
 def test_session_refuses_a_log_that_does_not_verify(env: Path, tmp_path: Path, tiny_model_dir: Path,
                                                     name: str) -> None:
-    from trainer.replay import load_checkpoint
-    from trainer.session import run_session
+    from pocketd.trainer.replay import load_checkpoint
+    from pocketd.trainer.session import run_session
 
     tamper(env, TAMPER[name])
     before = snapshot(env)
@@ -323,9 +323,9 @@ def test_session_refuses_a_log_that_does_not_verify(env: Path, tmp_path: Path, t
 def test_daemon_reports_a_log_that_does_not_verify(env: Path, tmp_path: Path, tiny_model_dir: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The real daemon starts the real trainer child on a tampered log: exit BAD_LOG, reason in status/history."""
-    from daemon.client import request
-    from daemon.service import Daemon
-    from daemon.settings import DaemonConfig, PathsConfig, PocketdConfig, PolicyConfig
+    from pocketd.daemon.client import request
+    from pocketd.daemon.service import Daemon
+    from pocketd.daemon.settings import DaemonConfig, PathsConfig, PocketdConfig, PolicyConfig
 
     tamper(env, TAMPER["grads-current"])
     before = snapshot(env)
@@ -341,7 +341,7 @@ def test_daemon_reports_a_log_that_does_not_verify(env: Path, tmp_path: Path, ti
                           runtime_dir=tmp_path / "run" / "pocketd"),
     )
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    d = Daemon(config, trainer_command=[sys.executable, "-m", "trainer"], supervise_interval_s=0.2)
+    d = Daemon(config, trainer_command=[sys.executable, "-m", "pocketd.trainer"], supervise_interval_s=0.2)
     d.start()
     try:
         wait_for(lambda: d.supervisor.running is None and d.snapshot()["backoff_failures"] >= 1,
@@ -362,8 +362,8 @@ def test_a_new_candidate_is_created_with_its_start_hash_in_one_transaction(tmp_p
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A kill between creating a candidate and storing its step-0 hash (and its parent's validation loss)
     must leave neither: a candidate without them would be resumed unverified and gated against +inf."""
-    from store.log import CheckpointLog
-    from trainer.session import run_session
+    from pocketd.store.log import CheckpointLog
+    from pocketd.trainer.session import run_session
 
     job = make_job(tmp_path, tiny_model_dir, max_steps=2)
     fill_store(job.database)

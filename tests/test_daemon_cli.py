@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import daemon.cli  # noqa: F401  (first: it registers the command modules)
-from daemon.cli_daemon import under_supervisor
-from daemon.statusfmt import duration, format_status, headline
+import pocketd.daemon.cli  # noqa: F401  (first: it registers the command modules)
+from pocketd.daemon.cli_daemon import under_supervisor
+from pocketd.daemon.statusfmt import duration, format_status, headline
 
 
 def test_supervisor_detection() -> None:

@@ -1,4 +1,4 @@
-"""End to end: the real daemon, the real trainer child (`python -m trainer`), the tiny model, a fake charger.
+"""End to end: the real daemon, the real trainer child (`python -m pocketd.trainer`), the tiny model, a fake charger.
 
 Plug in: training starts. Unplug: the trainer stops within one step plus a few
 seconds, the log verifies, the daemon keeps running. SIGTERM: the daemon exits 0
@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.client import request
-from daemon.service import socket_path_for
-from daemon.settings import PocketdConfig
-from store import Store
-from trainer.config import TrainerConfig
-from trainer.replay import load_checkpoint
+from pocketd.daemon.client import request
+from pocketd.daemon.service import socket_path_for
+from pocketd.daemon.settings import PocketdConfig
+from pocketd.store import Store
+from pocketd.trainer.config import TrainerConfig
+from pocketd.trainer.replay import load_checkpoint
 
 from tests.daemon_helpers import set_power, wait_for
 from tests.trainer_helpers import fill_store
@@ -42,7 +42,7 @@ def test_plug_train_unplug_stop_sigterm(tmp_path: Path, tiny_model_dir: Path, mo
     config = PocketdConfig()
     fill_store(config.paths.database)
     sock = socket_path_for(config)
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=tmp_path, env=dict(os.environ),
+    proc = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=tmp_path, env=dict(os.environ),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         st = wait_for(lambda: sock.exists() and request(sock, "status"), timeout=30, what="the socket")

@@ -14,10 +14,10 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from daemon.cli import cli
-from daemon.client import request
-from daemon.service import socket_path_for
-from daemon.settings import PocketdConfig
+from pocketd.daemon.cli import cli
+from pocketd.daemon.client import request
+from pocketd.daemon.service import socket_path_for
+from pocketd.daemon.settings import PocketdConfig
 
 from .daemon_helpers import add_examples, fake_trainer_command, set_power, wait_for
 
@@ -50,7 +50,7 @@ class Run:
         env = dict(os.environ)
         if notify:
             env["NOTIFY_SOCKET"] = str(self.notify_path)
-        argv = [sys.executable, "-m", "daemon", "run",
+        argv = [sys.executable, "-m", "pocketd.daemon", "run",
                 "--trainer-command", " ".join(fake_trainer_command("--step-s", "0.05")), *extra]
         proc = subprocess.Popen(argv, cwd=self.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
@@ -125,7 +125,7 @@ def test_trainer_stopped_when_the_daemon_is(run: Run) -> None:
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(15) == 0
     assert not psutil.pid_exists(trainer_pid) or psutil.Process(trainer_pid).status() == psutil.STATUS_ZOMBIE
-    from store import Store
+    from pocketd.store import Store
 
     with Store.open(run.config.paths.database) as s:
         last = s.history.sessions()[0]

@@ -10,12 +10,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from store import Store
-from trainer.config import StepRule, TrainerConfig
-from trainer.lora import lora_modules
-from trainer.model import load_base
-from trainer.replay import Spec, load_checkpoint, prepare_model
-from trainer.stepsize import StepSizer
+from pocketd.store import Store
+from pocketd.trainer.config import StepRule, TrainerConfig
+from pocketd.trainer.lora import lora_modules
+from pocketd.trainer.model import load_base
+from pocketd.trainer.replay import Spec, load_checkpoint, prepare_model
+from pocketd.trainer.stepsize import StepSizer
 
 from tests.trainer_helpers import fill_store, make_job, run
 
@@ -97,8 +97,8 @@ def test_lora_fa_keeps_a_frozen(tmp_path: Path, tiny_model_dir: Path) -> None:
 def test_sparse_z_perturbs_about_a_tenth_of_the_coordinates_with_unit_variance() -> None:
     import torch
 
-    from trainer.config import Perturbation
-    from trainer.zo import SPARSE_DENSITY, draw
+    from pocketd.trainer.config import Perturbation
+    from pocketd.trainer.zo import SPARSE_DENSITY, draw
 
     z = draw(torch.Size([200, 500]), torch.Generator().manual_seed(5), Perturbation.SPARSE)
     again = draw(torch.Size([200, 500]), torch.Generator().manual_seed(5), Perturbation.SPARSE)
@@ -151,7 +151,7 @@ def test_lora_options_are_ignored_by_full(tmp_path: Path, tiny_model_dir: Path) 
 
 
 def test_budget_estimate_counts_batched_copies(tiny_model_dir: Path) -> None:
-    from trainer.budget import estimate_need_mb
+    from pocketd.trainer.budget import estimate_need_mb
 
     seq = TrainerConfig(n_perturbations=4, batch_size=64, micro_batch_size=64, seq_len=512)
     batched = seq.model_copy(update={"batched_perturbations": True})

@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import trainer.model as tm
-from trainer.errors import ExportError, OutputNotEmpty
-from trainer.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MARKER, export_adapter, export_merged
-from trainer.lora import LoraSpec, attach_lora
-from trainer.model import Base, load_base
+import pocketd.trainer.model as tm
+from pocketd.trainer.errors import ExportError, OutputNotEmpty
+from pocketd.trainer.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MARKER, export_adapter, export_merged
+from pocketd.trainer.lora import LoraSpec, attach_lora
+from pocketd.trainer.model import Base, load_base
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -38,9 +38,9 @@ def make_current_checkpoint(model_dir: Path, cache: Path, data: Path) -> tuple[i
 
     Returns (checkpoint id, base fingerprint, the model rebuilt by replay).
     """
-    from store import Status, StepRecord, Store
-    from trainer.config import TrainerConfig
-    from trainer.replay import Spec, estimator_dict, load_current
+    from pocketd.store import Status, StepRecord, Store
+    from pocketd.trainer.config import TrainerConfig
+    from pocketd.trainer.replay import Spec, estimator_dict, load_current
 
     cfg = TrainerConfig(model=str(model_dir), lora_rank=4, lora_alpha=8.0)
     fingerprint = load_base(cfg.model, cache).fingerprint
@@ -160,7 +160,7 @@ def test_a_failed_export_leaves_nothing(tiny: Base, tmp_path: Path, monkeypatch:
 
 def test_cli_export_of_the_current_checkpoint_round_trips(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A current lora checkpoint with logged steps: both exports reproduce the replayed model."""
-    from daemon.cli import cli
+    from pocketd.daemon.cli import cli
 
     cache, data = tmp_path / "cache", tmp_path / "data"
     cid, fingerprint, model = make_current_checkpoint(tiny_model_dir, cache, data)

@@ -67,7 +67,7 @@ def offenders(found: dict[Path, int]) -> list[str]:
 
 
 def pocketd(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pocketd.daemon", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, umask=UMASK)
     assert proc.returncode == 0, f"pocketd {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -110,7 +110,7 @@ def test_everything_pocketd_creates_is_private(tmp_path: Path, isolated_home: Pa
         skip = {home, run_dir, *(home / p for p in XDG_PARENTS)}
         log_path = tmp_path / "daemon.log"
         with open(log_path, "w") as log:
-            daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=env, stdout=log,
+            daemon = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT, umask=UMASK)
         sock = run_dir / "pocketd" / "pocketd.sock"
         try:

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from ingest.config import IngestConfig
-from ingest.forget import forget
-from ingest.pipeline import ingest_text
-from store import DocumentNotFound, SourceNotFound, Store
+from pocketd.ingest.config import IngestConfig
+from pocketd.ingest.forget import forget
+from pocketd.ingest.pipeline import ingest_text
+from pocketd.store import DocumentNotFound, SourceNotFound, Store
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from trainer.errors import PromptTooLong
-from trainer.generate import encode_prompt, generate
-from trainer.lora import LoraSpec, attach_lora
-from trainer.model import Base, load_base
-from trainer.tiny import SPECIAL_TOKENS, make_tokenizer
+from pocketd.trainer.errors import PromptTooLong
+from pocketd.trainer.generate import encode_prompt, generate
+from pocketd.trainer.lora import LoraSpec, attach_lora
+from pocketd.trainer.model import Base, load_base
+from pocketd.trainer.tiny import SPECIAL_TOKENS, make_tokenizer
 
 EOS = SPECIAL_TOKENS.index("<|im_end|>")
 
@@ -112,7 +112,7 @@ def test_multibyte_characters_are_never_streamed_half() -> None:
 
 
 def test_cli_generate_base_streams_to_stdout(tiny_model_dir: Path, tiny: Base) -> None:
-    from daemon.cli import cli
+    from pocketd.daemon.cli import cli
 
     expected = generate(tiny.model, tiny.tokenizer, "hello", 10, 0.8, seed=4, top_p=0.5)
     result = CliRunner().invoke(
@@ -126,7 +126,7 @@ def test_cli_generate_base_streams_to_stdout(tiny_model_dir: Path, tiny: Base) -
 
 
 def test_cli_generate_names_a_missing_model(tmp_path: Path) -> None:
-    from daemon.cli import cli
+    from pocketd.daemon.cli import cli
 
     missing = tmp_path / "nope"
     result = CliRunner().invoke(cli, ["--set", f"trainer.model={missing}", "generate", "hi", "--base"])
@@ -135,7 +135,7 @@ def test_cli_generate_names_a_missing_model(tmp_path: Path) -> None:
 
 
 def test_cli_generate_applies_the_current_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from daemon.cli import cli
+    from pocketd.daemon.cli import cli
     from tests.test_export import make_current_checkpoint
 
     cache, data = tmp_path / "cache", tmp_path / "data"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.inbox import InboxWatcher
-from ingest.config import IngestConfig
-from store import Store
+from pocketd.daemon.inbox import InboxWatcher
+from pocketd.ingest.config import IngestConfig
+from pocketd.store import Store
 
 from .daemon_helpers import DaemonFactory, wait_for
 

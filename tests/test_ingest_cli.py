@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from daemon.cli import cli  # first: daemon.cli registers daemon.cli_data's commands as it loads
+from pocketd.daemon.cli import cli  # first: daemon.cli registers daemon.cli_data's commands as it loads
 
-import daemon.cli_data  # noqa: E402  (isort: skip)
+import pocketd.daemon.cli_data as cli_data  # noqa: E402  (isort: skip)
 
 
 def run(*args: str, input: str | bytes | None = None) -> Result:
@@ -125,7 +125,7 @@ def test_stats_on_an_empty_store() -> None:
 def test_forget_by_source_and_document(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run("ingest", str(folder))
     hooked: list[list[int]] = []
-    monkeypatch.setattr(daemon.cli_data, "_forget_checkpoints", lambda app, store, ids: hooked.append(list(ids)))
+    monkeypatch.setattr(cli_data, "_forget_checkpoints", lambda app, store, ids: hooked.append(list(ids)))
     result = run("forget", "--source", "journal")
     assert result.exit_code == 0, result.output
     assert result.output.count("deleted document ") == 2
@@ -150,10 +150,10 @@ def test_forget_errors_are_one_line(folder: Path) -> None:
 
 
 def test_forget_without_checkpoints_touches_no_log(tmp_path) -> None:
-    from store import Store
+    from pocketd.store import Store
 
     with Store.open(tmp_path / "db.sqlite3") as store:
-        assert daemon.cli_data._forget_checkpoints(None, store, [1, 2]) is None  # type: ignore[arg-type]
+        assert cli_data._forget_checkpoints(None, store, [1, 2]) is None  # type: ignore[arg-type]
         assert store.log.list() == []
 
 
@@ -162,7 +162,7 @@ def test_demo_ingests_the_sample_and_prints_stats() -> None:
     assert result.exit_code == 0, result.output
     assert "0 rejected, 0 skipped" in result.output
     assert "documents   " in result.output and "journal" in result.output
-    sample = daemon.cli_data.sample_dir()
+    sample = cli_data.sample_dir()
     n_files = len([p for p in sample.iterdir() if p.suffix in {".md", ".txt"}])
     n_records = sum(1 for line in (sample / "journal.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
     assert n_files >= 10

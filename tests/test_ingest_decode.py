@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.config import IngestConfig
-from ingest.decode import check_text, decode, read_file, read_stream
-from ingest.errors import (
+from pocketd.ingest.config import IngestConfig
+from pocketd.ingest.decode import check_text, decode, read_file, read_stream
+from pocketd.ingest.errors import (
     BinaryInput,
     EmptyText,
     IngestError,
@@ -23,9 +23,9 @@ from ingest.errors import (
     PathNotFound,
     TooLarge,
 )
-from ingest.normalize import normalize
-from ingest.pipeline import prepare
-from ingest.split import split_examples
+from pocketd.ingest.normalize import normalize
+from pocketd.ingest.pipeline import prepare
+from pocketd.ingest.split import split_examples
 
 # -- decoding -------------------------------------------------------------------
 

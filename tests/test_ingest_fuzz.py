@@ -36,15 +36,15 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from daemon.cli import cli  # first: daemon.cli registers daemon.cli_data's commands as it loads
-from ingest.config import IngestConfig
-from ingest.normalize import normalize
-from ingest.pipeline import ingest_paths, ingest_text
-from ingest.report import IngestReport
-from ingest.split import split_examples
-from store import Store
+from pocketd.daemon.cli import cli  # first: daemon.cli registers daemon.cli_data's commands as it loads
+from pocketd.ingest.config import IngestConfig
+from pocketd.ingest.normalize import normalize
+from pocketd.ingest.pipeline import ingest_paths, ingest_text
+from pocketd.ingest.report import IngestReport
+from pocketd.ingest.split import split_examples
+from pocketd.store import Store
 
-import daemon.cli_data  # noqa: E402,F401  (isort: skip)
+import pocketd.daemon.cli_data  # noqa: E402,F401  (isort: skip)
 
 # Small limits, so that "too large" (files, records, JSONL lines) and multi-example documents
 # are reached with small inputs.

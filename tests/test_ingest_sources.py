@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import sqlite_utils.db
 
-from ingest.config import IngestConfig
-from ingest.pipeline import ingest_paths, ingest_text
-from ingest.report import IngestReport
-from store import Store
+from pocketd.ingest.config import IngestConfig
+from pocketd.ingest.pipeline import ingest_paths, ingest_text
+from pocketd.ingest.report import IngestReport
+from pocketd.store import Store
 
 
 @pytest.fixture

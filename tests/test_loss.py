@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.loss import Batch, loss_sum, mean_loss
+from pocketd.trainer.loss import Batch, loss_sum, mean_loss
 from tests.test_zo import batch, tiny_llama
 
 

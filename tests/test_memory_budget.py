@@ -22,28 +22,28 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from daemon.cli import cli  # first: it registers the other command modules
-from daemon.client import request
-from daemon.service import Daemon
-from daemon.settings import PocketdConfig
-from store import Status, Store
-from trainer.budget import estimate_need_mb
-from trainer.config import TrainerConfig
-from trainer.job import ExitCode
-from trainer.replay import load_checkpoint
+from pocketd.daemon.cli import cli  # first: it registers the other command modules
+from pocketd.daemon.client import request
+from pocketd.daemon.service import Daemon
+from pocketd.daemon.settings import PocketdConfig
+from pocketd.store import Status, Store
+from pocketd.trainer.budget import estimate_need_mb
+from pocketd.trainer.config import TrainerConfig
+from pocketd.trainer.job import ExitCode
+from pocketd.trainer.replay import load_checkpoint
 
 from tests.daemon_helpers import make_config, set_power, wait_for
 from tests.trainer_helpers import fill_store
 
-# Run the real trainer (`python -m trainer`'s main) with one change: after its GROW_AFTER-th
+# Run the real trainer (`python -m pocketd.trainer`'s main) with one change: after its GROW_AFTER-th
 # step, it allocates (and touches) enough memory to end up 100 MiB past its budget.
 GROW_AFTER = 2
 GROWING_TRAINER = f"""
 import sys
 from pathlib import Path
-import trainer.session as session
-from trainer.budget import rss_mb
-from trainer.job import TrainingJob
+import pocketd.trainer.session as session
+from pocketd.trainer.budget import rss_mb
+from pocketd.trainer.job import TrainingJob
 
 job = TrainingJob.read(Path(sys.argv[sys.argv.index("--job") + 1]))
 real_apply_update = session.apply_update
@@ -56,7 +56,7 @@ def apply_update(*args, **kwargs):
         ballast.append(b"\\x01" * int((job.memory_budget_mb - rss_mb() + 100) * 2**20))
 
 session.apply_update = apply_update
-from trainer.__main__ import main
+from pocketd.trainer.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.model as tm
-from trainer.errors import ModelNotFound
-from trainer.model import Base, default_gguf_path, load_base
-from trainer.tiny import VOCAB_SIZE, make_tiny_model_dir
+import pocketd.trainer.model as tm
+from pocketd.trainer.errors import ModelNotFound
+from pocketd.trainer.model import Base, default_gguf_path, load_base
+from pocketd.trainer.tiny import VOCAB_SIZE, make_tiny_model_dir
 
 
 def _tied(base: Base) -> bool:
@@ -252,7 +252,7 @@ def test_default_model_converts_then_loads_faster_from_the_cache(default_first_l
 
 @pytest.mark.slow
 def test_default_model_answers_a_question(default_first_load: tuple[Base, Path]) -> None:
-    from trainer.generate import generate
+    from pocketd.trainer.generate import generate
 
     base, _ = default_first_load
     pieces: list[str] = []
@@ -262,7 +262,7 @@ def test_default_model_answers_a_question(default_first_load: tuple[Base, Path])
 
 @pytest.mark.slow
 def test_default_model_in_bfloat16_from_its_own_cached_copy(default_first_load: tuple[Base, Path]) -> None:
-    from trainer.generate import generate
+    from pocketd.trainer.generate import generate
 
     first, cache = default_first_load
     bf16 = load_base("default", cache, "bfloat16")

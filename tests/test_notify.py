@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from daemon import notify
+from pocketd.daemon import notify
 
 
 def test_path_socket(tmp_path: Path) -> None:

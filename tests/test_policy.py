@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.policy import decide, decide_train_now, effective_on_power, should_stop
-from daemon.readings import Decision, PowerReading, Readings, StoreState
-from daemon.settings import PolicyConfig
+from pocketd.daemon.policy import decide, decide_train_now, effective_on_power, should_stop
+from pocketd.daemon.readings import Decision, PowerReading, Readings, StoreState
+from pocketd.daemon.settings import PolicyConfig
 
 TZ = ZoneInfo("Europe/Berlin")
 NOW = datetime(2024, 3, 5, 2, 0, tzinfo=TZ)  # 02:00 local, inside 23:00-07:00

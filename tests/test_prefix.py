@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.actcache import ActivationCache, clear, window_key
-from trainer.config import Trainable
-from trainer.lora import LoraSpec, attach_lora, lora_modules
-from trainer.loss import Batch, mean_loss
-from trainer.params import trainable_set
-from trainer.prefix import Parts, batch_prefixes, first_trainable_layer, run_prefix, suffix_mean_loss
+from pocketd.trainer.actcache import ActivationCache, clear, window_key
+from pocketd.trainer.config import Trainable
+from pocketd.trainer.lora import LoraSpec, attach_lora, lora_modules
+from pocketd.trainer.loss import Batch, mean_loss
+from pocketd.trainer.params import trainable_set
+from pocketd.trainer.prefix import Parts, batch_prefixes, first_trainable_layer, run_prefix, suffix_mean_loss
 
 
 def model_with_top_lora(layers: int = 4, top: int = 2) -> tuple[LlamaForCausalLM, object]:
@@ -165,9 +165,9 @@ def test_cache_files_are_private_and_clear_removes_them(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fa", [False, True])
 @pytest.mark.parametrize("at,micro", [(0, 5), (2, 2), (2, 1)])
 def test_batched_perturbations_give_the_sequential_losses(n: int, fa: bool, at: int, micro: int) -> None:
-    from trainer.config import Perturbation
-    from trainer.multi import estimate_batched
-    from trainer.zo import Restore, estimate
+    from pocketd.trainer.config import Perturbation
+    from pocketd.trainer.multi import estimate_batched
+    from pocketd.trainer.zo import Restore, estimate
 
     model, _ = model_with_top_lora()
     params = trainable_set(model, Trainable.LORA, lora_fa=fa)

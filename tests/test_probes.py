@@ -18,8 +18,8 @@ from zoneinfo import ZoneInfo
 import psutil
 import pytest
 
-from daemon import probes, probes_power
-from daemon.probes import (
+from pocketd.daemon import probes, probes_power
+from pocketd.daemon.probes import (
     AwaySignal,
     FakePowerProbe,
     PowerProbe,
@@ -36,8 +36,8 @@ from daemon.probes import (
     resolve_timezone,
     take_readings,
 )
-from daemon.readings import PowerReading
-from daemon.settings import DaemonConfig, PowerProbeKind
+from pocketd.daemon.readings import PowerReading
+from pocketd.daemon.settings import DaemonConfig, PowerProbeKind
 
 TIMEOUT_S = 1.0  # the termux probe's timeout in these tests
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.protocol import (
+from pocketd.daemon.protocol import (
     BadArguments,
     BadJson,
     BadRequest,

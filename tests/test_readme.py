@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.cli import cli
-from daemon.settings import SECTIONS
+from pocketd.daemon.cli import cli
+from pocketd.daemon.settings import SECTIONS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 
@@ -28,7 +28,7 @@ def test_documented_commands_exist():
 def test_trainer_defaults_in_the_reference_are_the_real_ones():
     from enum import Enum
 
-    from trainer.config import TrainerConfig
+    from pocketd.trainer.config import TrainerConfig
 
     section = README[README.index("### [trainer]"):].split("\n### [")[0]
     rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip() for line in section.splitlines()

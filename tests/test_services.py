@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from daemon.services import (
+from pocketd.daemon.services import (
     FileStatus,
     ServiceInstallError,
     ServiceKind,
@@ -21,21 +21,22 @@ from daemon.services import (
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_TEMPLATES = REPO / "systemd_termux"
-PACKAGE_TEMPLATES = REPO / "daemon" / "service_templates"
 CMD = ["/opt/pocketd/bin/pocketd"]
 
 
 def _files(root: Path) -> dict[str, Path]:
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "README.md" and "__pycache__" not in p.parts}
+            if p.is_file() and p.name not in ("README.md", "__init__.py") and "__pycache__" not in p.parts}
 
 
-def test_package_templates_match_the_repo_files() -> None:
-    repo, pkg = _files(REPO_TEMPLATES), _files(PACKAGE_TEMPLATES)
-    fix = "cp -a systemd_termux/pocketd.service systemd_termux/sv systemd_termux/boot daemon/service_templates/"
-    assert sorted(repo) == sorted(pkg), f"template sets differ; run: {fix}"
+def test_the_installed_templates_are_the_repo_files() -> None:
+    """One copy: the package data of `pocketd.systemd_termux` is the repo's `systemd_termux/` folder."""
+    from pocketd.daemon.services import _templates_root
+
+    repo, pkg = _files(REPO_TEMPLATES), _files(_templates_root(None))
+    assert sorted(pkg) == sorted(repo)
     for rel, path in repo.items():
-        assert path.read_bytes() == pkg[rel].read_bytes(), f"{rel} differs; run: {fix}"
+        assert path.read_bytes() == pkg[rel].read_bytes(), rel
         assert os.access(path, os.X_OK) == os.access(pkg[rel], os.X_OK), rel
     assert sorted(repo) == ["boot/start-pocketd", "pocketd.service", "sv/pocketd/down", "sv/pocketd/log/run",
                             "sv/pocketd/run"]
@@ -94,12 +95,12 @@ def test_termux_render(env: dict[str, str]) -> None:
 
 
 def test_command_quoting(env: dict[str, str]) -> None:
-    cmd = ["/home/me/my venv/bin/python", "-m", "daemon"]
+    cmd = ["/home/me/my venv/bin/python", "-m", "pocketd.daemon"]
     run = next(f for f in render_service("termux", env=env, pocketd_command=cmd) if f.path.name == "run"
                and f.path.parent.name == "pocketd").content
-    assert "exec '/home/me/my venv/bin/python' -m daemon run" in run
+    assert "exec '/home/me/my venv/bin/python' -m pocketd.daemon run" in run
     (unit,) = render_service("systemd", env=env, pocketd_command=cmd)
-    assert 'ExecStart="/home/me/my venv/bin/python" -m daemon run' in unit.content
+    assert 'ExecStart="/home/me/my venv/bin/python" -m pocketd.daemon run' in unit.content
 
 
 def test_termux_needs_prefix(env: dict[str, str]) -> None:
@@ -189,7 +190,7 @@ def test_unit_verifies(env: dict[str, str], tmp_path: Path) -> None:
 
 
 def _invoke(*args: str) -> tuple[int, str]:
-    from daemon.cli import cli
+    from pocketd.daemon.cli import cli
 
     res = CliRunner().invoke(cli, ["install-service", *args])
     return res.exit_code, res.output

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from store import Status, Store
-from trainer.errors import BaseMismatch, OverBudget
-from trainer.model import load_base
-from trainer.replay import Spec, load_checkpoint, prepare_model, replay
-from trainer.session import EndReason
-from trainer.tiny import make_tiny_model_dir
+from pocketd.store import Status, Store
+from pocketd.trainer.errors import BaseMismatch, OverBudget
+from pocketd.trainer.model import load_base
+from pocketd.trainer.replay import Spec, load_checkpoint, prepare_model, replay
+from pocketd.trainer.session import EndReason
+from pocketd.trainer.tiny import make_tiny_model_dir
 
 from tests.trainer_helpers import fill_store, make_job, run
 
@@ -23,7 +23,7 @@ def job(tmp_path, tiny_model_dir):
 
 def test_session_logs_every_step_and_replay_matches_live_weights(job, monkeypatch):
     live = {}
-    import trainer.session as session
+    import pocketd.trainer.session as session
 
     real = session.apply_update
 
@@ -90,7 +90,7 @@ def test_checkpoint_refuses_a_different_base(job, tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_and_not_logged(job, monkeypatch):
-    import trainer.session as session
+    import pocketd.trainer.session as session
 
     calls = {"n": 0}
     real = session.mean_loss
@@ -108,7 +108,7 @@ def test_nonfinite_losses_are_skipped_and_not_logged(job, monkeypatch):
 
 
 def test_persistent_nonfinite_loss_stops_the_session(job, monkeypatch):
-    import trainer.session as session
+    import pocketd.trainer.session as session
 
     monkeypatch.setattr(session, "mean_loss", lambda *a, **kw: float("inf"))
     out = run(job)
@@ -116,7 +116,7 @@ def test_persistent_nonfinite_loss_stops_the_session(job, monkeypatch):
 
 
 def test_over_budget_is_refused_before_loading(job, monkeypatch):
-    import trainer.model as model
+    import pocketd.trainer.model as model
 
     monkeypatch.setattr(model, "load_base", lambda *a, **k: pytest.fail("loaded despite the budget"))
     with pytest.raises(OverBudget, match="memory_budget_mb"):
@@ -124,7 +124,7 @@ def test_over_budget_is_refused_before_loading(job, monkeypatch):
 
 
 def test_full_mode_replays_exactly(job):
-    from trainer.config import TrainerConfig
+    from pocketd.trainer.config import TrainerConfig
 
     cfg = TrainerConfig.model_validate({**job.trainer.model_dump(), "trainable": "full", "lr": 1e-4})
     full = job.model_copy(update={"trainer": cfg})
@@ -141,8 +141,8 @@ def test_no_training_data_is_a_clean_noop(tmp_path, tiny_model_dir):
 
 
 def test_rss_past_the_budget_stops_cleanly_after_the_step(job, monkeypatch):
-    import trainer.session as session
-    from trainer.job import ExitCode
+    import pocketd.trainer.session as session
+    from pocketd.trainer.job import ExitCode
 
     monkeypatch.setattr(session, "rss_mb", lambda: job.memory_budget_mb + 1.0)
     out = run(job.model_copy(update={"max_steps": 50}))

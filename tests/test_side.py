@@ -10,19 +10,19 @@ import torch
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from daemon.cli import cli
-from store import Status, Store
-from trainer.actcache import ActivationCache
-from trainer.backprop import loss_backward
-from trainer.config import SidePart, TrainerConfig
-from trainer.data import collate, items_for, pad_id_of
-from trainer.errors import ReplayMismatch
-from trainer.job import ExitCode
-from trainer.loss import mean_loss
-from trainer.model import load_base
-from trainer.prefix import Parts, batch_prefixes
-from trainer.replay import load_checkpoint
-from trainer.side import SideSpec, attach_side
+from pocketd.daemon.cli import cli
+from pocketd.store import Status, Store
+from pocketd.trainer.actcache import ActivationCache
+from pocketd.trainer.backprop import loss_backward
+from pocketd.trainer.config import SidePart, TrainerConfig
+from pocketd.trainer.data import collate, items_for, pad_id_of
+from pocketd.trainer.errors import ReplayMismatch
+from pocketd.trainer.job import ExitCode
+from pocketd.trainer.loss import mean_loss
+from pocketd.trainer.model import load_base
+from pocketd.trainer.prefix import Parts, batch_prefixes
+from pocketd.trainer.replay import load_checkpoint
+from pocketd.trainer.side import SideSpec, attach_side
 
 from tests.trainer_helpers import NOTES, fill_store, make_job, run, start_trainer
 
@@ -137,7 +137,7 @@ def test_session_trains_gates_and_the_checkpoint_reloads_exactly(tmp_path, tiny_
         base, params, got = load_checkpoint(store, job.trainer, job.cache_dir, verify=True)
     assert got.id == ck.id and params.sha256() == sha
     items = items_for(Store.open(job.database), base.tokenizer, "validation", job.trainer.seq_len)
-    from trainer.evaluate import evaluate
+    from pocketd.trainer.evaluate import evaluate
 
     again = evaluate(base.model, items[: job.trainer.eval_examples], pad_id=pad_id_of(base.tokenizer),
                      batch_size=4, micro_batch=8, chunk_tokens=256)
@@ -226,7 +226,7 @@ def test_cache_is_bounded_and_keyed_by_base_and_layer_spec(tmp_path, tiny_model_
                                                                              "lora_layers": 1})}))
     assert len({p.name for p in root.iterdir()}) == 2  # another layer: another key, nothing stale served
     other = tmp_path / "other-model"
-    from trainer.tiny import make_tiny_model_dir
+    from pocketd.trainer.tiny import make_tiny_model_dir
 
     make_tiny_model_dir(other, seed=1)
     run(job.model_copy(update={"trainer": job.trainer.model_copy(update={"model": str(other)})}))
@@ -234,7 +234,7 @@ def test_cache_is_bounded_and_keyed_by_base_and_layer_spec(tmp_path, tiny_model_
 
 
 def test_budget_estimate_counts_the_backward(tiny_model_dir):
-    from trainer.budget import estimate_need_mb
+    from pocketd.trainer.budget import estimate_need_mb
 
     mezo = estimate_need_mb(TrainerConfig(batch_size=8, seq_len=512), tiny_model_dir)
     side = estimate_need_mb(TrainerConfig(method="side", batch_size=8, seq_len=512, lora_layers=4), tiny_model_dir)
@@ -327,8 +327,8 @@ def test_cli_forget_drops_side_checkpoints_that_saw_the_document(env):
 # -- the daemon ----------------------------------------------------------------------------------------------
 
 def test_the_daemon_trains_the_side_method_and_unplugging_stops_it_after_a_committed_save(tmp_path, tiny_model_dir):
-    from daemon.client import request
-    from daemon.service import Daemon
+    from pocketd.daemon.client import request
+    from pocketd.daemon.service import Daemon
     from tests.daemon_helpers import make_config, set_power, wait_for
 
     set_power(tmp_path / "power.json", True)
@@ -356,7 +356,7 @@ def test_the_daemon_trains_the_side_method_and_unplugging_stops_it_after_a_commi
 
 
 def test_a_side_session_over_the_budget_is_refused_before_loading(tmp_path, tiny_model_dir):
-    from trainer.errors import OverBudget
+    from pocketd.trainer.errors import OverBudget
 
     job = make_job(tmp_path, tiny_model_dir, method="side", memory_budget_mb=100)
     fill_store(job.database)

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from daemon.client import Client, DaemonError, DaemonNotRunning, request
-from daemon.protocol import Command, Request, ok_reply
-from daemon.server import AlreadyRunning, ControlServer, PeerCredentials, SocketError, peer_credentials
+from pocketd.daemon.client import Client, DaemonError, DaemonNotRunning, request
+from pocketd.daemon.protocol import Command, Request, ok_reply
+from pocketd.daemon.server import AlreadyRunning, ControlServer, PeerCredentials, SocketError, peer_credentials
 
 
 class Stub:

@@ -25,9 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.client import request
-from daemon.protocol import ARGS, Command, ErrorCode, unix_address
-from daemon.settings import PathsConfig
+from pocketd.daemon.client import request
+from pocketd.daemon.protocol import ARGS, Command, ErrorCode, unix_address
+from pocketd.daemon.settings import PathsConfig
 
 from .daemon_helpers import add_examples, fake_trainer_command, make_config, set_power, wait_for
 
@@ -57,7 +57,7 @@ class _Errors(logging.Handler):
 
 @pytest.fixture(scope="module")
 def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from daemon.service import Daemon
+    from pocketd.daemon.service import Daemon
 
     root = tmp_path_factory.mktemp("fuzz")
     set_power(root / "power.json", True)  # plugged: the fake trainer runs while we fuzz
@@ -66,7 +66,7 @@ def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                                runtime_dir=root / "run" / "pocketd")
     add_examples(config)
     errors = _Errors()
-    logging.getLogger("daemon").addHandler(errors)
+    logging.getLogger("pocketd.daemon").addHandler(errors)
     d = Daemon(config, trainer_command=fake_trainer_command("--step-s", "0.05"), supervise_interval_s=0.2)
     d.start()
     d.fuzz_errors = errors
@@ -74,7 +74,7 @@ def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         wait_for(lambda: d.supervisor.running, what="the fake trainer to start")
         yield d
     finally:
-        logging.getLogger("daemon").removeHandler(errors)
+        logging.getLogger("pocketd.daemon").removeHandler(errors)
         d.shutdown()
 
 
@@ -386,7 +386,7 @@ def test_socket_ingest_while_the_trainer_writes(sock: Path, fuzz_daemon: Any) ->
     # connection was inside a read-then-write transaction made the trainer's write fail at once
     # with "database is locked" (a deferred transaction cannot wait for a newer snapshot), which
     # crashed the training session; the other way round the ingest got an `internal` reply.
-    from store import Store
+    from pocketd.store import Store
 
     inside = threading.Event()
     errors: list[BaseException] = []
@@ -417,8 +417,8 @@ def test_a_burst_of_clients_larger_than_the_backlog_waits_for_room(tmp_path: Pat
     # daemon is at its connection bound, new connections queue in the listen backlog; once that
     # was full, a client's connect (with a timeout) failed at once with EAGAIN ("Resource
     # temporarily unavailable") instead of waiting for room within its timeout.
-    from daemon.protocol import Request, ok_reply
-    from daemon.server import ControlServer
+    from pocketd.daemon.protocol import Request, ok_reply
+    from pocketd.daemon.server import ControlServer
 
     release = threading.Event()
 

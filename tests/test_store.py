@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlite_utils.db
 
-from store import DatabaseUnreadable, DocumentNotFound, SourceNotFound, Store, content_hash
+from pocketd.store import DatabaseUnreadable, DocumentNotFound, SourceNotFound, Store, content_hash
 
 
 def mode(path: Path) -> int:

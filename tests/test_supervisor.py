@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.supervisor import Backoff, Outcome, TrainerSupervisor, Trigger, exit_description
-from trainer.job import TrainingJob
+from pocketd.daemon.supervisor import Backoff, Outcome, TrainerSupervisor, Trigger, exit_description
+from pocketd.trainer.job import TrainingJob
 
 from .daemon_helpers import DaemonFactory, add_examples, fake_trainer_command, set_power, wait_for
 
@@ -215,8 +215,8 @@ def test_failing_job_does_not_kill_the_daemon(daemons: DaemonFactory) -> None:
         calls.append(pid)
         if len(calls) <= 2:
             raise OSError("probe exploded")
-        from daemon.probes import take_readings
-        from daemon.probes_power import FakePowerProbe
+        from pocketd.daemon.probes import take_readings
+        from pocketd.daemon.probes_power import FakePowerProbe
 
         return take_readings(FakePowerProbe(daemons.power), away=away, trainer_pid=pid)
 
@@ -235,7 +235,7 @@ def test_daemon_shutdown_stops_the_trainer_cleanly(daemons: DaemonFactory) -> No
     d.request_shutdown("test")
     d.shutdown()
     assert running.proc.returncode == 0
-    from store import Store
+    from pocketd.store import Store
 
     with Store.open(d.config.paths.database) as s:
         last = s.history.sessions()[0]
@@ -245,7 +245,7 @@ def test_daemon_shutdown_stops_the_trainer_cleanly(daemons: DaemonFactory) -> No
 
 def test_abandoned_sessions_are_closed_at_start(daemons: DaemonFactory) -> None:
     d = daemons(start=False)
-    from store import Store
+    from pocketd.store import Store
 
     with Store.open(d.config.paths.database) as s:
         sid = s.history.start_session("policy")

@@ -163,7 +163,7 @@ def test_the_blocker_blocks_real_attempts_and_allows_unix_sockets(blocked_env: d
 
 
 def pocketd(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pocketd.daemon", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"pocketd {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -205,7 +205,7 @@ def test_ingest_train_eval_run_status_with_the_network_blocked(
 
     log_path = tmp_path / "daemon.log"
     with open(log_path, "w") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=ROOT, env=env, stdout=log,
+        daemon = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=ROOT, env=env, stdout=log,
                                   stderr=subprocess.STDOUT)
     sock = tmp_path / "run" / "pocketd" / "pocketd.sock"
     try:
@@ -219,7 +219,7 @@ def test_ingest_train_eval_run_status_with_the_network_blocked(
 
     assert attempts(env) == "", "network attempts:\n" + attempts(env)
     argv = loaded_by(env)
-    for needle in (" ingest ", " train ", " eval ", " run", " status ", "-m trainer --job"):
+    for needle in (" ingest ", " train ", " eval ", " run", " status ", "-m pocketd.trainer --job"):
         assert any(needle in a + " " for a in argv), (needle, argv)  # every process ran with the blocker
     assert not any(k in env for k in OFFLINE_VARS)
 
@@ -361,7 +361,7 @@ def test_the_scan_catches_planted_problems(tmp_path: Path) -> None:
 
 
 def test_the_service_files_keep_the_hub_off() -> None:
-    templates = ROOT / "daemon" / "service_templates"
+    templates = ROOT / "systemd_termux"
     assert "Environment=HF_HUB_OFFLINE=1" in (templates / "pocketd.service").read_text()
     assert "HF_HUB_OFFLINE=1" in (templates / "sv" / "pocketd" / "run").read_text()
     for path in templates.rglob("*"):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.config import Trainable
-from trainer.lora import LoraSpec, attach_lora
-from trainer.loss import Batch, mean_loss
-from trainer.params import trainable_set
-from trainer.zo import Restore, apply_update, estimate, perturb, replay_step
+from pocketd.trainer.config import Trainable
+from pocketd.trainer.lora import LoraSpec, attach_lora
+from pocketd.trainer.loss import Batch, mean_loss
+from pocketd.trainer.params import trainable_set
+from pocketd.trainer.zo import Restore, apply_update, estimate, perturb, replay_step
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -114,7 +114,7 @@ def test_nonfinite_loss_reports_and_restores():
 def test_grad_sign_descends_on_a_quadratic():
     """On L = ||theta||^2 the ZO update lowers the loss on average."""
     theta = torch.ones(50)
-    from trainer.params import TrainableSet
+    from pocketd.trainer.params import TrainableSet
 
     params = TrainableSet(("theta",), (theta,))
     loss = lambda: float((theta**2).sum())  # noqa: E731

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from store import Store
-from trainer.config import TrainerConfig
-from trainer.job import TrainingJob
-from trainer.session import SessionOutcome, run_session
+from pocketd.store import Store
+from pocketd.trainer.config import TrainerConfig
+from pocketd.trainer.job import TrainingJob
+from pocketd.trainer.session import SessionOutcome, run_session
 
 NOTES = [
     "Planted tomatoes in the south bed today. The soil was still cold, so I covered them.",
@@ -61,13 +61,13 @@ def run(job: TrainingJob, stop_after: int | None = None) -> SessionOutcome:
 
 
 def start_trainer(job: TrainingJob, job_file: Path, until_step: int, timeout: float = 120) -> subprocess.Popen:
-    """`python -m trainer --job` in a child process, returned once its status file says it is training
+    """`python -m pocketd.trainer --job` in a child process, returned once its status file says it is training
     and has done `until_step` steps (the job needs a status_file). Fails the test if it never gets there."""
     import pytest
 
     job.write(job_file)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--job", str(job_file)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pocketd.trainer", "--job", str(job_file)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert job.status_file is not None
     deadline = time.monotonic() + timeout

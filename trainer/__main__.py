@@ -1,4 +1,4 @@
-"""`python -m trainer --job JOB.json`: one training session in its own process (see trainer/job.py)."""
+"""`python -m pocketd.trainer --job JOB.json`: one training session in its own process (see trainer/job.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pydantic import ValidationError  # noqa: E402
 from .errors import ModelNotFound, OverBudget, ReplayMismatch, TrainerError  # noqa: E402
 from .job import ExitCode, Phase, SessionStatus, TrainingJob, write_private_json  # noqa: E402
 
-log = logging.getLogger("trainer")
+log = logging.getLogger("pocketd.trainer")
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -34,7 +34,7 @@ def install_stop_handlers(stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pocketd.trainer", description=__doc__)
     parser.add_argument("--job", type=Path, required=True, help="TrainingJob JSON written by the daemon")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

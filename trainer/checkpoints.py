@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from store import Status, StepRecord, Store
+from pocketd.store import Status, StepRecord, Store
 
 from .ckptfile import CheckpointFile, Segment
 from .errors import CheckpointFileError

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from store.log import StepRecord, f32
+from pocketd.store.log import StepRecord, f32
 
 from .errors import CheckpointFileError
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from store import Store
+from pocketd.store import Store
 
 from .loss import Batch
 

@@ -1,7 +1,7 @@
 """The contract between the daemon and a training child process (no torch import).
 
 The daemon writes a TrainingJob as JSON (mode 0600) and runs
-`python -m trainer --job FILE`. The child writes its progress to `status_file`
+`python -m pocketd.trainer --job FILE`. The child writes its progress to `status_file`
 (atomically replaced JSON, see SessionStatus) after every step and exits with
 one of ExitCode. SIGTERM or SIGINT: the current step finishes and commits,
 then the child exits 0 (ExitCode.OK) without running the evaluation gate; the

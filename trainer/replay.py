@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from store import Checkpoint, CheckpointConflict, StepRecord, Store
+from pocketd.store import Checkpoint, CheckpointConflict, StepRecord, Store
 
 from .config import Method, Perturbation, Trainable, TrainerConfig
 from .errors import BaseMismatch, ReplayMismatch

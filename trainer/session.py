@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from store import Checkpoint, Status, StepRecord, Store
+from pocketd.store import Checkpoint, Status, StepRecord, Store
 
 from .actcache import ActivationCache
 from .budget import estimate_need_mb, rss_mb

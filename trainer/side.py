@@ -29,7 +29,7 @@ from .prefix import Parts
 from .replay import check_base
 
 if TYPE_CHECKING:
-    from store import Checkpoint, Store
+    from pocketd.store import Checkpoint, Store
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from store import Checkpoint, Status, Store
+from pocketd.store import Checkpoint, Status, Store
 
 from .actcache import ActivationCache
 from .backprop import loss_backward
