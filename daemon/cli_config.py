@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from .cli import AppContext, pass_app
+from pocketd.store import atomic_write, make_private_dir
+
+from .cli_context import AppContext, pass_app
 from .config import default_config_path, render, validate_file
-from pocketd.store import make_private_dir
 
 
 @click.group()
@@ -43,8 +44,5 @@ def init(app: AppContext, force: bool, file: Path | None) -> None:
     if target.exists() and not force:
         raise click.ClickException(f"{target} exists; use --force to overwrite it")
     make_private_dir(target.parent)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(render(None, commented=True), encoding="utf-8")
-    tmp.chmod(0o600)
-    tmp.replace(target)
+    atomic_write(target, render(None, commented=True))
     click.echo(f"wrote {target}")

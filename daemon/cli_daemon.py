@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .cli import AppContext, pass_app
+from .cli_context import AppContext, pass_app
 from .client import ClientError, DaemonNotRunning, request
 from .statusfmt import format_history, format_status
 

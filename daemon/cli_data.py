@@ -19,7 +19,7 @@ from pocketd.ingest.pipeline import ingest_paths
 from pocketd.ingest.report import IngestReport, plural
 from pocketd.store import Stats, Store
 
-from .cli import AppContext, pass_app
+from .cli_context import AppContext, pass_app
 
 
 def _forget_checkpoints(app: AppContext, store: Store, document_ids: Sequence[int]) -> int | None:
@@ -27,32 +27,31 @@ def _forget_checkpoints(app: AppContext, store: Store, document_ids: Sequence[in
 
     Only the log is rewritten here (no model needed); returns the rebuilt current
     checkpoint's id, whose hashes `_record_rebuilt_hashes` records once the
-    documents are gone.
+    documents are gone (None: nothing to record).
     """
-    from pocketd.trainer.checkpoints import plan_forget, rebuild_without
+    from pocketd.trainer.forget import plan_forget, rebuild_without
 
     plan = plan_forget(store, list(document_ids))
     if not plan.affected:
         return None
-    side_current = plan.current_id in plan.side_tainted
-    new_id = rebuild_without(store, plan)
-    mezo = set(plan.affected) - plan.side_tainted
-    if mezo:
-        click.echo(f"dropped {plural(sum(len(plan.affected[c]) for c in mezo), 'training step')} that used these "
-                   f"documents from {plural(len(mezo), 'checkpoint')}")
-    if plan.side_tainted:
-        click.echo(f"dropped {plural(len(plan.side_tainted), 'side checkpoint')} trained on these documents "
+    result = rebuild_without(store, plan)
+    by_step = set(plan.affected) - plan.tainted
+    if by_step:
+        click.echo(f"dropped {plural(sum(len(plan.affected[c]) for c in by_step), 'training step')} that used "
+                   f"these documents from {plural(len(by_step), 'checkpoint')}")
+    if plan.tainted:
+        click.echo(f"dropped {plural(len(plan.tainted), 'side checkpoint')} trained on these documents "
                    "(side tensors cannot drop single steps)")
-    if side_current:
-        click.echo(("the current checkpoint is now " + (f"checkpoint {new_id}" if new_id else "the base model"))
+    if result.fell_back:
+        click.echo(("the current checkpoint is now "
+                    + (f"checkpoint {result.current_id}" if result.current_id else "the base model"))
                    + "; the next training session retrains the side part without these documents")
-        return None
-    return new_id
+    return result.current_id if result.rebuilt else None
 
 
 def _record_rebuilt_hashes(app: AppContext, store: Store, checkpoint_id: int) -> None:
     """Replay the rebuilt chain once and store its hashes, so `checkpoint verify` covers it."""
-    from pocketd.trainer.replay import record_hashes
+    from pocketd.trainer.forget import record_hashes
 
     cfg = app.loaded.config
     record_hashes(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id)

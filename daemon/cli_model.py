@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .cli import AppContext, pass_app
+from .cli_context import AppContext, pass_app
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def _load(app: AppContext, checkpoint_id: int | None, base_only: bool) -> tuple[
         from pocketd.trainer.model import load_base
 
         return load_base(cfg.trainer.model, cfg.paths.cache_dir, cfg.trainer.dtype), None
-    from pocketd.trainer.replay import load_checkpoint
+    from pocketd.trainer.checkpoints import load_checkpoint
 
     with app.open_store() as store:
         base, _params, ck = load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id)
@@ -88,50 +88,41 @@ def export(app: AppContext, merged_dir: Path | None, adapter_dir: Path | None, c
     from pocketd.trainer.errors import ExportError
     from pocketd.trainer.export import export_adapter, export_merged
     from pocketd.trainer.lora import lora_modules
-    from pocketd.trainer.replay import Spec
+    from pocketd.trainer.registry import method_of
 
     if (merged_dir is None) == (adapter_dir is None):
         raise click.UsageError("give exactly one of --merged DIR and --adapter DIR")
-    side_mlp = _side_mlp(app, checkpoint_id)
-    if side_mlp is not None:
-        raise ExportError(f"checkpoint {side_mlp} trains a side MLP on the final hidden state, which a plain "
-                          "transformers model or a PEFT adapter cannot hold; `pocketd checkpoint export "
-                          f"{side_mlp} FILE` writes its tensors")
+    refusal = _export_refusal(app, checkpoint_id)
+    if refusal is not None:
+        raise ExportError(refusal)
     base, ck = _load(app, checkpoint_id, base_only=False)
     info = {"checkpoint": ck.id if ck else None, "steps": ck.n_steps if ck else 0,
             "base_fingerprint": base.fingerprint, "base": base.source}
     if adapter_dir is not None:
-        spec = _lora_spec(ck)
-        if spec is None or not lora_modules(base.model):
+        method = method_of(ck) if ck is not None else None
+        spec = method.spec_from_dict(ck.spec) if method is not None else None
+        lora = method.lora_spec(spec) if method is not None else None
+        if lora is None or not lora_modules(base.model):
             raise ExportError("--adapter needs a lora checkpoint" + (" (there is none yet)" if ck is None else
-                              f"; checkpoint {ck.id} trains {ck.spec.get('trainable')}: use --merged"))
-        out = export_adapter(base.model, spec, str(base.model_dir), adapter_dir, force=force, info=info)
+                              f"; checkpoint {ck.id} trains {method.describe(spec)}: use --merged"))
+        out = export_adapter(base.model, lora, str(base.model_dir), adapter_dir, force=force, info=info)
         click.echo(f"{_describe(ck)}: LoRA adapter written to {out} (base: {base.model_dir})")
     elif merged_dir is not None:
         out = export_merged(base.model, base.tokenizer, merged_dir, force=force, info=info)
         click.echo(f"{_describe(ck)}: merged model written to {out}")
 
 
-def _side_mlp(app: AppContext, checkpoint_id: int | None) -> int | None:
-    """The checkpoint's id if it is a side checkpoint of part mlp (nothing to merge or to export as PEFT)."""
+def _export_refusal(app: AppContext, checkpoint_id: int | None) -> str | None:
+    """Why the checkpoint's trained part cannot become a transformers model or PEFT adapter (None: it can),
+    asked before loading anything."""
+    from pocketd.trainer.registry import method_of
+
     with app.open_store() as store:
         ck = store.log.get(checkpoint_id) if checkpoint_id is not None else store.log.current()
-    if ck is not None and ck.method == "side" and ck.spec.get("side") == "mlp":
-        return ck.id
-    return None
-
-
-def _lora_spec(ck: Any) -> Any:
-    """The LoRA spec of a checkpoint of either method, or None."""
     if ck is None:
         return None
-    if ck.method == "side":
-        from pocketd.trainer.side import SideSpec
-
-        return SideSpec.from_dict(ck.spec).lora
-    from pocketd.trainer.replay import Spec
-
-    return Spec.from_dict(ck.spec).lora
+    method = method_of(ck)
+    return method.export_refusal(method.spec_from_dict(ck.spec), ck.id)
 
 
 COMMANDS = [generate, export]

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .cli import AppContext, pass_app
+from .cli_context import AppContext, pass_app
 from . import services
 from .services import FileStatus, ServiceInstallError, ServiceKind, detect_service_kind, next_steps
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .cli import AppContext, pass_app
+from .cli_context import AppContext, pass_app
 
 
 def _job(app: AppContext, minutes: float | None, steps: int | None, evaluate: bool) -> Any:
@@ -89,7 +89,7 @@ def eval_cmd(app: AppContext, as_json: bool) -> None:
     from pocketd.trainer.errors import NoTrainingData
     from pocketd.trainer.evaluate import eval_items, evaluate
     from pocketd.trainer.model import load_base
-    from pocketd.trainer.replay import apply_checkpoint
+    from pocketd.trainer.checkpoints import apply_checkpoint
 
     cfg = app.loaded.config
     tc = cfg.trainer
@@ -155,8 +155,9 @@ def ck_show(app: AppContext, checkpoint_id: int) -> None:
 @click.argument("checkpoint_id", type=int)
 @pass_app
 def ck_verify(app: AppContext, checkpoint_id: int) -> None:
-    """Replay a checkpoint's chain and compare every stored hash."""
-    from pocketd.trainer.replay import load_checkpoint
+    """Replay a checkpoint's chain (or load its stored tensors) and compare every stored hash."""
+    from pocketd.trainer.checkpoints import load_checkpoint
+    from pocketd.trainer.registry import method_of
 
     cfg = app.loaded.config
     with app.open_store() as store:
@@ -164,10 +165,8 @@ def ck_verify(app: AppContext, checkpoint_id: int) -> None:
         with click.progressbar(length=max(total, 1), label="replaying", file=sys.stderr) as bar:
             _, _, ck = load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id, verify=True,
                                        progress=lambda done, _t: bar.update(1))
-    if ck is not None and ck.method == "side":
-        click.echo(f"checkpoint {checkpoint_id}: ok (side tensors of {ck.n_steps} steps load and match their hash)")
-    else:
-        click.echo(f"checkpoint {checkpoint_id}: ok ({total} steps replayed, every stored hash matches)")
+    what = method_of(ck).verified(ck, total) if ck is not None else f"{total} steps"
+    click.echo(f"checkpoint {checkpoint_id}: ok ({what})")
 
 
 @checkpoint.command(name="export")
@@ -177,19 +176,13 @@ def ck_verify(app: AppContext, checkpoint_id: int) -> None:
 @pass_app
 def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool) -> None:
     """Write a checkpoint's whole chain as a compact standalone file."""
-    from pocketd.trainer import ckptfile, sidefile
-    from pocketd.trainer.checkpoints import side_to_file, to_file
-    from pocketd.trainer.job import write_private_bytes
+    from pocketd.trainer.transfer import write_checkpoint
 
     if file.exists() and not force:
         raise click.ClickException(f"{file} exists; use --force to overwrite it")
     with app.open_store() as store:
-        if store.log.get(checkpoint_id).method == "side":
-            data = sidefile.pack(side_to_file(store, checkpoint_id))
-        else:
-            data = ckptfile.pack(to_file(store, checkpoint_id))
-    write_private_bytes(file, data)
-    click.echo(f"wrote {file}: {len(data)} bytes")
+        n = write_checkpoint(store, checkpoint_id, file, force=True)
+    click.echo(f"wrote {file}: {n} bytes")
 
 
 @checkpoint.command(name="import")
@@ -197,34 +190,15 @@ def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool) -> N
 @pass_app
 def ck_import(app: AppContext, file: Path) -> None:
     """Import a checkpoint file, verify it (replay, or the side tensors' hash), and make it current."""
-    from pocketd.store import Status
-    from pocketd.trainer import sidefile
-    from pocketd.trainer.checkpoints import from_file, side_from_file
-    from pocketd.trainer.ckptfile import unpack
-    from pocketd.trainer.errors import CheckpointFileError, ReplayMismatch
-    from pocketd.trainer.replay import load_checkpoint
+    from pocketd.trainer.transfer import import_checkpoint, read_checkpoint_file
 
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise CheckpointFileError(f"{file}: cannot read: {e.strerror or e}") from e
-    ck = sidefile.unpack(data, str(file)) if sidefile.is_side_file(data) else unpack(data, str(file))
+    data = read_checkpoint_file(file)
     cfg = app.loaded.config
     with app.open_store() as store:
-        if isinstance(ck, sidefile.SideFile):
-            cid = side_from_file(store, ck, note=f"imported from {file.name}")
-        else:
-            cid = from_file(store, ck, note=f"imported from {file.name}")
-        try:
-            load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, cid, verify=True)
-        except Exception as e:
-            store.log.set_status(cid, Status.REJECTED, note=f"imported from {file.name}: failed verification")
-            if isinstance(e, ReplayMismatch):
-                raise CheckpointFileError(f"{file}: does not verify ({e}); kept as rejected checkpoint "
-                                          f"{cid}, the current checkpoint is unchanged") from e
-            raise
-        store.log.set_status(cid, Status.CURRENT)
-    click.echo(f"imported {file} as checkpoint {cid} ({ck.n_steps} steps, verified, now current)")
+        report = import_checkpoint(store, data, cfg.trainer, cfg.paths.cache_dir, name=str(file),
+                                   note=f"imported from {file.name}")
+    click.echo(f"imported {file} as checkpoint {report.checkpoint_id} ({report.n_steps} steps, verified, "
+               "now current)")
 
 
 COMMANDS = [train, eval_cmd, checkpoint]

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pocketd.store import make_private_dir
+
 from .protocol import (
     LOCK_NAME,
     Busy,
@@ -77,8 +79,7 @@ def prepare_socket_dir(directory: Path, *, own: bool) -> None:
     """Create the socket's directory 0700. `own`: pocketd's dedicated dir, tightened if too open;
     otherwise (a configured location) a directory open to others is refused."""
     if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True)
-        directory.chmod(0o700)
+        make_private_dir(directory)
         return
     st = directory.stat()
     if not stat.S_ISDIR(st.st_mode):

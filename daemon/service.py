@@ -11,6 +11,7 @@ The daemon never imports torch: training runs in `python -m pocketd.trainer --jo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -29,10 +30,14 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from pocketd.store import Store
+from pocketd.ingest.pipeline import ingest_text
+from pocketd.ingest.report import IngestReport
+from pocketd.store import Store, make_private_dir, touch_private
 from pocketd.trainer.job import TrainingJob
 
 from . import notify
+from .commands import Commands
+from .control import AwayState, DaemonSnapshot, HistoryPage, StopRequested, StoreSummary, TrainingSnapshot
 from .inbox import InboxWatcher
 from .policy import decide, decide_train_now, should_stop
 from .probes import AwaySignal, make_power_probe, process_tree_rss_mb, resolve_timezone, take_readings
@@ -95,7 +100,10 @@ def _decision_key(decision: Decision) -> tuple[bool, tuple[str, ...]]:
 
 
 class Daemon:
-    """One pocketd process. `run()` blocks until stopped; `start()`/`shutdown()` for tests."""
+    """One pocketd process. `run()` blocks until stopped; `start()`/`shutdown()` for tests.
+
+    Implements `control.DaemonControl`, the operations the control commands use.
+    """
 
     def __init__(
         self,
@@ -135,8 +143,6 @@ class Daemon:
             env=trainer_environment(),
         )
         self.inbox = InboxWatcher(config.daemon.inbox, config.ingest) if config.daemon.inbox else None
-        from .commands import Commands
-
         self.server = ControlServer(
             self.socket_path,
             Commands(self),
@@ -473,14 +479,15 @@ class Daemon:
         with self._lock:
             return self._start_session(Trigger.TRAIN_NOW, decision)
 
-    def stop_training(self, reason: str) -> int:
+    def stop_training(self, reason: str) -> StopRequested:
+        """Ask the running session to stop after its current step; Conflict if none runs."""
         with self._lock:
             running = self.supervisor.running
             if running is None:
                 raise Conflict("not training")
             self._record_event("stop", f"stopping session {running.session_id}: {reason}")
             self.supervisor.request_stop(reason)
-            return running.session_id
+            return StopRequested(session_id=running.session_id, grace_s=self.config.daemon.stop_grace_s)
 
     def set_paused(self, paused: bool) -> bool:
         """Pause (no new sessions; a running one is stopped) or resume; whether it changed."""
@@ -489,8 +496,8 @@ class Daemon:
             changed = paused != self._paused
             self._paused = paused
             if paused:
-                marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                marker.touch(mode=0o600)
+                make_private_dir(marker.parent)
+                touch_private(marker)
                 if self.supervisor.running is not None:
                     self.supervisor.request_stop("paused")
             else:
@@ -515,8 +522,8 @@ class Daemon:
         with self._lock:
             return self._paused
 
-    def snapshot(self) -> dict[str, Any]:
-        """The in-memory part of `status` (no store access)."""
+    def snapshot(self) -> DaemonSnapshot:
+        """The in-memory state now (no store access; the child's status file is read after the lock)."""
         with self._lock:
             running = self.supervisor.running
             decision = self._last_decision
@@ -526,26 +533,61 @@ class Daemon:
                 state = State.WAITING
             else:
                 state = State.IDLE
-            reasons = ["paused"] if self._paused and running is None else (
-                list(decision.reasons) if decision is not None and not decision.train else [])
-            return {
-                "state": state,
-                "paused": self._paused,
-                "reasons": reasons,
-                "decision": decision,
-                "readings": self._last_readings,
-                "running": running,
-                "stop_check": self._last_stop_check if running else None,
-                "backoff_s": self.backoff.remaining_s(),
-                "backoff_failures": self.backoff.failures,
-            }
+            reasons = ("paused",) if self._paused and running is None else (
+                tuple(decision.reasons) if decision is not None and not decision.train else ())
+            paused = self._paused
+            readings = self._last_readings
+            stop_check = self._last_stop_check if running else None
+            backoff_s = self.backoff.remaining_s()
+            backoff_failures = self.backoff.failures
+            training = None
+            if running is not None:  # copied under the lock: the supervisor updates it in place
+                elapsed = time.monotonic() - running.started_mono
+                training = TrainingSnapshot(
+                    session_id=running.session_id, trigger=running.trigger, pid=running.pid,
+                    started_at=running.started_at, elapsed_s=elapsed,
+                    time_left_s=self.config.policy.max_session_minutes * 60 - elapsed,
+                    last_rss_mb=running.last_rss_mb, peak_rss_mb=running.peak_rss_mb,
+                    stop_reason=running.stop_reason, progress=None, stop_check=stop_check,
+                )
+        if training is not None:
+            training = dataclasses.replace(training, progress=self.supervisor.status())
+        away, expires_at = self.away.snapshot()
+        return DaemonSnapshot(
+            state=state, paused=paused, reasons=reasons, decision=decision, readings=readings,
+            training=training, backoff_s=backoff_s, backoff_failures=backoff_failures,
+            away=AwayState(away=away, expires_at=expires_at, active=self.away.current()),
+            uptime_s=self.uptime_s, socket_path=self.socket_path,
+        )
+
+    def store_summary(self) -> StoreSummary:
+        """Data counts, the current checkpoint and the last finished session, in one store visit."""
+        with self.guarded_store() as s:
+            data = s.docs.counts()
+            current = s.log.current()
+            ended = [x for x in s.history.sessions(limit=2) if x.ended_at is not None][:1]
+        return StoreSummary(data=data, checkpoint=current, last_session=ended[0] if ended else None)
+
+    def history(self, sessions: int, events: int) -> HistoryPage:
+        """The latest `sessions` sessions and `events` events, newest first (0: none of them)."""
+        with self.guarded_store() as s:
+            return HistoryPage(sessions=s.history.sessions(limit=sessions) if sessions else [],
+                               events=s.history.events(limit=events) if events else [])
+
+    def ingest(self, text: str, source: str, origin: str | None) -> IngestReport:
+        """Ingest one text into the store; if it added data and nothing trains, check the policy soon."""
+        with self.guarded_store() as s:
+            report = ingest_text(s, text, source, self.config.ingest, origin=origin)
+        if report.added and self.supervisor.running is None:
+            self.wake_check()
+        return report
 
     def state_line(self) -> str:
         snap = self.snapshot()
-        if snap["state"] is State.TRAINING:
-            return f"training: session {snap['running'].session_id}"
-        if snap["state"] is State.WAITING:
-            return "waiting: " + "; ".join(snap["reasons"])
+        if snap.training is not None:
+            return f"training: session {snap.training.session_id}"
+        if snap.state is State.WAITING:
+            return "waiting: " + "; ".join(snap.reasons)
         return "idle"
 
     # -- helpers ----------------------------------------------------------------------------------

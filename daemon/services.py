@@ -29,12 +29,13 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
+
+from pocketd.store import atomic_write, make_private_dir
 
 from .probes_power import TERMUX_COMMAND
 
@@ -260,19 +261,11 @@ def _read_existing(path: Path) -> str | None:
 
 
 def _write(path: Path, content: str, mode: int) -> None:
-    """Atomic write (temp file + rename) with the final mode set before the rename."""
+    """Atomic write (temp file + rename) with the final mode set before the rename; missing folders 0700."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path.parent)
         if path.is_symlink():
             path.unlink()  # only reached with force; replace the link, not its target
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(content)
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, content, mode=mode)
     except OSError as e:
         raise ServiceInstallError(f"cannot write {path}: {e.strerror or e}") from e

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pocketd.store import make_private_dir
+from pocketd.store import atomic_write, make_private_dir, tighten_dir
+from pocketd.store.private import TMP_SUFFIX
 from pocketd.trainer.job import ExitCode, SessionStatus, TrainingJob
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class TrainerSupervisor:
         with self._lock:
             if self._running is not None:
                 raise TrainerStartError(f"a trainer is already running (pid {self._running.pid})")
-            make_private_dir(self.jobs_dir)
+            tighten_dir(make_private_dir(self.jobs_dir))
             job_path = self.jobs_dir / f"session-{session_id}.job.json"
             status_path = self.jobs_dir / f"session-{session_id}.status.json"
             status_path.unlink(missing_ok=True)
@@ -182,7 +183,7 @@ class TrainerSupervisor:
                 job_path.unlink(missing_ok=True)
                 raise TrainerStartError(f"cannot start the trainer ({argv[0]}): {e.strerror or e}") from e
             self._renice(proc.pid)
-            _write_private_text(self._pid_path(session_id), f"{proc.pid}\n")
+            atomic_write(self._pid_path(session_id), f"{proc.pid}\n")
             self._running = RunningSession(
                 session_id=session_id, trigger=trigger, proc=proc, job_path=job_path, status_path=status_path,
                 started_at=datetime.now(timezone.utc), started_mono=self.clock(),
@@ -340,6 +341,8 @@ class TrainerSupervisor:
                exit_description(code), finished.duration_s)
         for path in (running.job_path, running.status_path, self._pid_path(running.session_id)):
             path.unlink(missing_ok=True)
+        for tmp in self.jobs_dir.glob(f".session-{running.session_id}.*{TMP_SUFFIX}"):  # a write cut by SIGKILL
+            tmp.unlink(missing_ok=True)
         self._running = None
         return finished
 
@@ -356,12 +359,6 @@ class TrainerSupervisor:
             detail = "the memory budget is too small" + (f": {detail}" if detail else "")
         text = f"failed: {exit_description(code)}" + (f": {detail}" if detail else "")
         return Outcome.FAILED, text
-
-
-def _write_private_text(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _alive(pid: int) -> bool:

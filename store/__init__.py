@@ -3,8 +3,9 @@
 Imports nothing from the other pocketd packages.
 """
 
-from .db import Store, make_private_dir, touch_private, utcnow
-from .documents import AddResult, Document, Example, Stats, content_hash, split_for
+from .clock import utcnow
+from .db import Store
+from .documents import AddResult, DataCounts, Document, Example, Stats, content_hash, split_for
 from .errors import (
     CheckpointConflict,
     CheckpointNotFound,
@@ -13,10 +14,12 @@ from .errors import (
     SourceNotFound,
     StoreError,
 )
-from .log import Checkpoint, StepRecord, Status
+from .log import Checkpoint, StepRecord, Status, f32
+from .private import atomic_write, make_private_dir, tighten_dir, touch_private
 
 __all__ = [
-    "AddResult", "Checkpoint", "CheckpointConflict", "CheckpointNotFound", "DatabaseUnreadable",
+    "AddResult", "Checkpoint", "CheckpointConflict", "CheckpointNotFound", "DataCounts", "DatabaseUnreadable",
     "Document", "DocumentNotFound", "Example", "SourceNotFound", "Stats", "Status", "StepRecord",
-    "Store", "StoreError", "content_hash", "make_private_dir", "split_for", "touch_private", "utcnow",
+    "Store", "StoreError", "atomic_write", "content_hash", "f32", "make_private_dir", "split_for",
+    "tighten_dir", "touch_private", "utcnow",
 ]

@@ -6,26 +6,23 @@ import contextlib
 import logging
 import os
 import sqlite3
-import stat
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
 from sqlite_utils import Database
 
+from .documents import Documents
 from .errors import DatabaseUnreadable
+from .history import History
+from .log import CheckpointLog
+from .private import make_private_dir, tighten_dir, touch_private
 from .schema import migrations
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 30.0
-
-
-def utcnow() -> str:
-    """The current UTC time as ISO 8601 text, the store's one time format."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class _Database(Database):
@@ -57,33 +54,6 @@ class _Database(Database):
                 raise
 
 
-def make_private_dir(path: Path) -> Path:
-    """Create `path` with mode 0700, and its missing parents 0700 too; tighten `path` if it already exists.
-
-    (`mkdir(parents=True)` would make the parents 0777 & ~umask: e.g. ~/.local/state/pocketd 0755
-    when only ~/.local/state/pocketd/jobs was asked for. The XDG spec asks for 0700 as well.)
-    """
-    missing = []
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        missing.append(parent)
-        parent = parent.parent
-    for folder in reversed(missing):
-        folder.mkdir(mode=0o700, exist_ok=True)
-    path.mkdir(mode=0o700, exist_ok=True)
-    if stat.S_IMODE(path.stat().st_mode) != 0o700:
-        path.chmod(0o700)
-    return path
-
-
-def touch_private(path: Path) -> None:
-    """Create `path` with mode 0600 if missing; tighten it if it exists."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
-    if stat.S_IMODE(path.stat().st_mode) != 0o600:
-        path.chmod(0o600)
-
-
 class Store(AbstractContextManager["Store"]):
     """The pocketd database. Open with `Store.open(path)`; use as a context manager to close it.
 
@@ -92,10 +62,6 @@ class Store(AbstractContextManager["Store"]):
     """
 
     def __init__(self, db: Database, path: Path | None) -> None:
-        from .documents import Documents
-        from .history import History
-        from .log import CheckpointLog
-
         self.db = db
         self.path = path
         self.docs = Documents(db)
@@ -106,7 +72,7 @@ class Store(AbstractContextManager["Store"]):
     def open(cls, path: Path | str) -> "Store":
         """Open (creating if needed) the database at `path`, mode 0600 in a 0700 directory."""
         path = Path(path)
-        make_private_dir(path.parent)
+        tighten_dir(make_private_dir(path.parent))
         old_umask = os.umask(0o077)  # also covers the -wal and -shm files SQLite creates
         try:
             touch_private(path)

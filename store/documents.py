@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from sqlite_utils import Database
 
-from .db import utcnow
+from .clock import utcnow
 from .errors import DocumentNotFound, SourceNotFound
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,15 @@ class SourceStats:
     documents: int
     examples: int
     chars: int
+
+
+@dataclass(frozen=True)
+class DataCounts:
+    """How much data the store holds: what `status` shows."""
+
+    documents: int
+    examples: int
+    untrained_examples: int  # training-split examples no step has used yet
 
 
 @dataclass(frozen=True)
@@ -296,6 +305,14 @@ class Documents:
         return int(
             self.db.execute("select count(*) from examples where split = 'train' and trained_count = 0").fetchone()[0]
         )
+
+    def counts(self) -> DataCounts:
+        """Documents, examples (both splits) and untrained training examples, in one read transaction."""
+        row = self.db.execute(
+            "select (select count(*) from documents), (select count(*) from examples), "
+            "(select count(*) from examples where split = 'train' and trained_count = 0)"
+        ).fetchone()
+        return DataCounts(documents=int(row[0]), examples=int(row[1]), untrained_examples=int(row[2]))
 
     def stats(self) -> Stats:
         q = self.db.execute

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from .db import utcnow
+from .clock import utcnow
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ the learning rate.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from .db import utcnow
+from .clock import utcnow
 from .errors import CheckpointConflict, CheckpointNotFound
 
 
@@ -77,8 +78,15 @@ def unpack_grads(blob: bytes) -> tuple[float, ...]:
 
 
 def f32(x: float) -> float:
-    """Round a float to float32 and back: what the log stores and replay sees."""
-    return float(struct.unpack("<f", struct.pack("<f", x))[0])
+    """Round a float to float32 and back (to nearest, ties to even): what the log stores and replay sees.
+
+    pocketd's one float32 rounding (the trainer's step uses it too). A finite value beyond
+    float32's range rounds to an infinity of its sign; NaN stays NaN.
+    """
+    try:
+        return float(struct.unpack("<f", struct.pack("<f", x))[0])
+    except OverflowError:  # struct refuses what rounds to inf; IEEE (and torch) give inf
+        return math.copysign(math.inf, x)
 
 
 _COLUMNS = (

@@ -33,10 +33,6 @@ def main() -> int:
     parser.add_argument("--job", type=Path, required=True)
     args = parser.parse_args()
     job = TrainingJob.read(args.job)
-    write_private_json(args.job.with_name(args.job.name + ".fake.json"), {
-        "pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0), "nice": os.getpriority(os.PRIO_PROCESS, 0),
-        "argv": sys.argv, "memory_budget_mb": job.memory_budget_mb, "max_minutes": job.max_minutes,
-    })
     if args.mode == "exit-code":
         return args.code
     stop = threading.Event()
@@ -45,6 +41,11 @@ def main() -> int:
     else:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # Written once the signal handlers are in place: a test that saw this file may signal at once.
+    write_private_json(args.job.with_name(args.job.name + ".fake.json"), {
+        "pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        "argv": sys.argv, "memory_budget_mb": job.memory_budget_mb, "max_minutes": job.max_minutes,
+    })
     status = SessionStatus(phase="training", checkpoint_id=7)
     loss = 4.0
     for step in range(1, args.steps + 1):

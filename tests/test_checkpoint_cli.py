@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from pocketd.daemon.cli import cli
 from pocketd.store import Status, Store
 from pocketd.trainer.ckptfile import pack, unpack
-from pocketd.trainer.checkpoints import to_file
+from pocketd.trainer.methods.mezo import to_file
 from pocketd.trainer.errors import CheckpointFileError
 from pocketd.trainer.job import ExitCode, TrainingJob
 
@@ -132,7 +132,7 @@ def test_trainer_child_process_sigterm_finishes_step_and_exits_0(tmp_path, tiny_
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == ExitCode.OK, out.decode()
     assert oct(job.status_file.stat().st_mode & 0o777) == "0o600"
-    from pocketd.trainer.replay import load_checkpoint
+    from pocketd.trainer.checkpoints import load_checkpoint
 
     with Store.open(job.database) as store:
         ck = store.log.list()[-1]

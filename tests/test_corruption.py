@@ -305,7 +305,7 @@ def tamper(db: Path, sql: str) -> None:
 @pytest.mark.parametrize("name", sorted(TAMPER))
 def test_session_refuses_a_log_that_does_not_verify(env: Path, tmp_path: Path, tiny_model_dir: Path,
                                                     name: str) -> None:
-    from pocketd.trainer.replay import load_checkpoint
+    from pocketd.trainer.checkpoints import load_checkpoint
     from pocketd.trainer.session import run_session
 
     tamper(env, TAMPER[name])
@@ -344,7 +344,7 @@ def test_daemon_reports_a_log_that_does_not_verify(env: Path, tmp_path: Path, ti
     d = Daemon(config, trainer_command=[sys.executable, "-m", "pocketd.trainer"], supervise_interval_s=0.2)
     d.start()
     try:
-        wait_for(lambda: d.supervisor.running is None and d.snapshot()["backoff_failures"] >= 1,
+        wait_for(lambda: d.supervisor.running is None and d.snapshot().backoff_failures >= 1,
                  timeout=90, interval=0.2, what="the trainer to refuse the log")
         st = request(d.socket_path, "status")
         last = st["last_session"]

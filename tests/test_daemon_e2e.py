@@ -19,7 +19,7 @@ from pocketd.daemon.service import socket_path_for
 from pocketd.daemon.settings import PocketdConfig
 from pocketd.store import Store
 from pocketd.trainer.config import TrainerConfig
-from pocketd.trainer.replay import load_checkpoint
+from pocketd.trainer.checkpoints import load_checkpoint
 
 from tests.daemon_helpers import set_power, wait_for
 from tests.trainer_helpers import fill_store

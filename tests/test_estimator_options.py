@@ -14,7 +14,8 @@ from pocketd.store import Store
 from pocketd.trainer.config import StepRule, TrainerConfig
 from pocketd.trainer.lora import lora_modules
 from pocketd.trainer.model import load_base
-from pocketd.trainer.replay import Spec, load_checkpoint, prepare_model
+from pocketd.trainer.checkpoints import load_checkpoint
+from pocketd.trainer.replay import Spec, prepare_model
 from pocketd.trainer.stepsize import StepSizer
 
 from tests.trainer_helpers import fill_store, make_job, run

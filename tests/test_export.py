@@ -40,7 +40,8 @@ def make_current_checkpoint(model_dir: Path, cache: Path, data: Path) -> tuple[i
     """
     from pocketd.store import Status, StepRecord, Store
     from pocketd.trainer.config import TrainerConfig
-    from pocketd.trainer.replay import Spec, estimator_dict, load_current
+    from pocketd.trainer.checkpoints import load_current
+    from pocketd.trainer.replay import Spec, estimator_dict
 
     cfg = TrainerConfig(model=str(model_dir), lora_rank=4, lora_alpha=8.0)
     fingerprint = load_base(cfg.model, cache).fingerprint

@@ -30,7 +30,7 @@ from pocketd.store import Status, Store
 from pocketd.trainer.budget import estimate_need_mb
 from pocketd.trainer.config import TrainerConfig
 from pocketd.trainer.job import ExitCode
-from pocketd.trainer.replay import load_checkpoint
+from pocketd.trainer.checkpoints import load_checkpoint
 
 from tests.daemon_helpers import make_config, set_power, wait_for
 from tests.trainer_helpers import fill_store
@@ -41,12 +41,12 @@ GROW_AFTER = 2
 GROWING_TRAINER = f"""
 import sys
 from pathlib import Path
-import pocketd.trainer.session as session
+import pocketd.trainer.methods.mezo as mezo
 from pocketd.trainer.budget import rss_mb
 from pocketd.trainer.job import TrainingJob
 
 job = TrainingJob.read(Path(sys.argv[sys.argv.index("--job") + 1]))
-real_apply_update = session.apply_update
+real_apply_update = mezo.apply_update
 steps, ballast = [], []
 
 def apply_update(*args, **kwargs):
@@ -55,7 +55,7 @@ def apply_update(*args, **kwargs):
     if len(steps) == {GROW_AFTER}:
         ballast.append(b"\\x01" * int((job.memory_budget_mb - rss_mb() + 100) * 2**20))
 
-session.apply_update = apply_update
+mezo.apply_update = apply_update
 from pocketd.trainer.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """

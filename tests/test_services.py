@@ -25,8 +25,10 @@ CMD = ["/opt/pocketd/bin/pocketd"]
 
 
 def _files(root: Path) -> dict[str, Path]:
+    """The service files (the unit, sv/ and boot/), not the install-time scripts beside them."""
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in ("README.md", "__init__.py") and "__pycache__" not in p.parts}
+            if p.is_file() and "__pycache__" not in p.parts
+            and (p.parent != root or p.suffix == ".service")}
 
 
 def test_the_installed_templates_are_the_repo_files() -> None:

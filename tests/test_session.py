@@ -7,7 +7,8 @@ import pytest
 from pocketd.store import Status, Store
 from pocketd.trainer.errors import BaseMismatch, OverBudget
 from pocketd.trainer.model import load_base
-from pocketd.trainer.replay import Spec, load_checkpoint, prepare_model, replay
+from pocketd.trainer.checkpoints import load_checkpoint
+from pocketd.trainer.replay import Spec, prepare_model, replay
 from pocketd.trainer.session import EndReason
 from pocketd.trainer.tiny import make_tiny_model_dir
 
@@ -23,15 +24,15 @@ def job(tmp_path, tiny_model_dir):
 
 def test_session_logs_every_step_and_replay_matches_live_weights(job, monkeypatch):
     live = {}
-    import pocketd.trainer.session as session
+    import pocketd.trainer.methods.mezo as mezo
 
-    real = session.apply_update
+    real = mezo.apply_update
 
     def spy(params, seeds, grads, lr, *rest):
         real(params, seeds, grads, lr, *rest)
         live["sha"] = params.sha256()
 
-    monkeypatch.setattr(session, "apply_update", spy)
+    monkeypatch.setattr(mezo, "apply_update", spy)
     out = run(job)
     assert out.steps == 5 and out.end_reason is EndReason.STEPS
     with Store.open(job.database) as store:
@@ -90,16 +91,16 @@ def test_checkpoint_refuses_a_different_base(job, tmp_path):
 
 
 def test_nonfinite_losses_are_skipped_and_not_logged(job, monkeypatch):
-    import pocketd.trainer.session as session
+    import pocketd.trainer.methods.mezo as mezo
 
     calls = {"n": 0}
-    real = session.mean_loss
+    real = mezo.mean_loss
 
     def flaky(*a, **kw):
         calls["n"] += 1
         return float("nan") if calls["n"] in (3, 4) else real(*a, **kw)
 
-    monkeypatch.setattr(session, "mean_loss", flaky)
+    monkeypatch.setattr(mezo, "mean_loss", flaky)
     out = run(job.model_copy(update={"max_steps": 4}))
     assert out.skipped_nonfinite == 1 and out.steps == 4
     with Store.open(job.database) as store:
@@ -108,9 +109,9 @@ def test_nonfinite_losses_are_skipped_and_not_logged(job, monkeypatch):
 
 
 def test_persistent_nonfinite_loss_stops_the_session(job, monkeypatch):
-    import pocketd.trainer.session as session
+    import pocketd.trainer.methods.mezo as mezo
 
-    monkeypatch.setattr(session, "mean_loss", lambda *a, **kw: float("inf"))
+    monkeypatch.setattr(mezo, "mean_loss", lambda *a, **kw: float("inf"))
     out = run(job)
     assert out.end_reason is EndReason.DIVERGED and out.steps == 0
 

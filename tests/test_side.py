@@ -21,7 +21,7 @@ from pocketd.trainer.job import ExitCode
 from pocketd.trainer.loss import mean_loss
 from pocketd.trainer.model import load_base
 from pocketd.trainer.prefix import Parts, batch_prefixes
-from pocketd.trainer.replay import load_checkpoint
+from pocketd.trainer.checkpoints import load_checkpoint
 from pocketd.trainer.side import SideSpec, attach_side
 
 from tests.trainer_helpers import NOTES, fill_store, make_job, run, start_trainer

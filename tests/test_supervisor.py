@@ -152,8 +152,8 @@ def test_plugged_starts_unplugged_stops(daemons: DaemonFactory) -> None:
     d = daemons("--step-s", "0.05", start=False)
     add_examples(d.config)
     d.start()
-    wait_for(lambda: d.snapshot()["state"].value == "waiting", what="a first decision")
-    assert d.supervisor.running is None and "not charging" in d.snapshot()["reasons"]
+    wait_for(lambda: d.snapshot().state.value == "waiting", what="a first decision")
+    assert d.supervisor.running is None and "not charging" in d.snapshot().reasons
     set_power(daemons.power, True)
     d.wake_check()
     running = wait_for(lambda: d.supervisor.running, what="training to start")
@@ -197,9 +197,9 @@ def test_crash_backs_off_and_retries(daemons: DaemonFactory) -> None:
     first = sessions(d)[0]
     assert first.exit_status == 1 and first.end_reason.startswith("failed: exit 1 (CRASH)")
     snap = d.snapshot()
-    assert d.backoff.failures == 1 and snap["backoff_s"] > 0
-    wait_for(lambda: d.snapshot()["state"].value == "waiting", what="waiting in backoff")
-    assert any("backing off" in r for r in d.snapshot()["reasons"])
+    assert d.backoff.failures == 1 and snap.backoff_s > 0
+    wait_for(lambda: d.snapshot().state.value == "waiting", what="waiting in backoff")
+    assert any("backing off" in r for r in d.snapshot().reasons)
     assert len(sessions(d)) == 1  # nothing new during the backoff
     wait_for(lambda: len(sessions(d)) >= 2, timeout=6, what="the retry after the backoff")
     wait_for(lambda: d.backoff.failures >= 2, what="the second failure")
@@ -222,7 +222,7 @@ def test_failing_job_does_not_kill_the_daemon(daemons: DaemonFactory) -> None:
 
     d = daemons(readings_source=flaky)
     wait_for(lambda: len(calls) >= 3, timeout=5, what="the check job to run again after failures")
-    wait_for(lambda: d.snapshot()["state"].value == "waiting", what="a decision after the failures")
+    wait_for(lambda: d.snapshot().state.value == "waiting", what="a decision after the failures")
 
 
 def test_daemon_shutdown_stops_the_trainer_cleanly(daemons: DaemonFactory) -> None:

@@ -13,3 +13,5 @@ import os as _os
 
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# transformers 5 would otherwise reach for hub kernels (the `kernels` package, which downloads).
+_os.environ.setdefault("USE_HUB_KERNELS", "NO")

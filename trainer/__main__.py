@@ -13,6 +13,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# transformers 5 would otherwise reach for hub kernels (the `kernels` package, which downloads).
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 from pydantic import ValidationError  # noqa: E402
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pocketd.store.private import atomic_write, make_private_dir, tighten_dir
+
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".act"
@@ -43,8 +45,7 @@ class ActivationCache:
         self.hits = 0
         self.misses = 0
         for d in (root, self.dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(d, 0o700)
+            tighten_dir(make_private_dir(d))
         self._sizes = {p.name: p.stat().st_size for p in self.dir.glob(f"*{_SUFFIX}")}
         for stale in self.dir.glob("*.tmp"):
             stale.unlink(missing_ok=True)
@@ -88,14 +89,9 @@ class ActivationCache:
             return
         self._evict(self.max_bytes - len(data))
         path = self._path(key)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+        try:  # not fsynced: a cache, and get() drops a file of the wrong size
+            atomic_write(path, data, durable=False)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             log.warning("could not write activation cache file %s: %s", path, e)
             return
         self._sizes[path.name] = len(data)

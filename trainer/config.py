@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -142,13 +143,28 @@ class TrainerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainerConfig":
-        if self.method is Method.SIDE:
-            if self.trainable is not Trainable.LORA:
-                raise ValueError("trainable: method \"side\" trains its own small part; set trainable = \"lora\" "
-                                 "(full would backpropagate through the whole model)")
-            if self.side_part is SidePart.ADAPTERS and self.lora_layers is None:
-                raise ValueError("lora_layers: method \"side\" with side_part \"adapters\" backpropagates through "
-                                 "the top lora_layers layers only; set lora_layers (e.g. 4)")
+        METHOD_RULES[self.method](self)
         if self.trainable is Trainable.FULL and self.batched_perturbations:
             raise ValueError("batched_perturbations needs trainable = \"lora\" (full would need 2n model copies)")
         return self
+
+
+def _mezo_rules(cfg: TrainerConfig) -> None:
+    """Every combination of the mezo fields is valid (the field bounds check each alone)."""
+
+
+def _side_rules(cfg: TrainerConfig) -> None:
+    if cfg.trainable is not Trainable.LORA:
+        raise ValueError("trainable: method \"side\" trains its own small part; set trainable = \"lora\" "
+                         "(full would backpropagate through the whole model)")
+    if cfg.side_part is SidePart.ADAPTERS and cfg.lora_layers is None:
+        raise ValueError("lora_layers: method \"side\" with side_part \"adapters\" backpropagates through "
+                         "the top lora_layers layers only; set lora_layers (e.g. 4)")
+
+
+# Each method's cross-field rules, checked when the config is read (here, not in the method's module,
+# because the daemon validates its config without importing torch). ValueError names the field.
+METHOD_RULES: dict[Method, Callable[[TrainerConfig], None]] = {
+    Method.MEZO: _mezo_rules,
+    Method.SIDE: _side_rules,
+}

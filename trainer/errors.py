@@ -27,6 +27,14 @@ class NoTrainingData(TrainerError):
     """The store holds no examples of the split a command needs."""
 
 
+class SpecError(TrainerError):
+    """A stored trainable-part spec is not one the checkpoint's method can build."""
+
+
+class UnknownMethod(TrainerError):
+    """A checkpoint names a training method this build does not have."""
+
+
 class CheckpointFileError(TrainerError):
     """A checkpoint export file is truncated, corrupt or of an unknown version."""
 

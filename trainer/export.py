@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import nn
 
+from pocketd.store.private import make_private_dir
+
 from .errors import ExportError, OutputNotEmpty
 from .lora import LoraLinear, LoraSpec, lora_modules, merge_lora
 
@@ -147,7 +149,7 @@ class _staged:
         self.tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
 
     def __enter__(self) -> Path:
-        self.out_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dir(self.out_dir.parent)  # missing folders 0700; the user's existing ones untouched
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(mode=0o700)
         return self.tmp

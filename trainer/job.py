@@ -17,6 +17,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pocketd.store.private import atomic_write
+
 from .config import TrainerConfig
 
 
@@ -82,14 +84,10 @@ class SessionStatus(BaseModel):
 
 
 def write_private_json(path: Path, data: object) -> None:
-    """Write JSON atomically (tmp + rename), mode 0600."""
-    write_private_bytes(path, json.dumps(data).encode("utf-8"))
+    """Write JSON atomically, mode 0600 (`pocketd.store.atomic_write`)."""
+    atomic_write(path, json.dumps(data).encode("utf-8"))
 
 
 def write_private_bytes(path: Path, data: bytes) -> None:
-    """Write bytes atomically (tmp + rename), mode 0600."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write bytes atomically, mode 0600 (`pocketd.store.atomic_write`)."""
+    atomic_write(path, data)

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from pocketd.store.private import atomic_write, make_private_dir, tighten_dir
+
 from .config import DType
 from .errors import ModelNotFound
 
@@ -177,8 +179,8 @@ class HashCache:
 
     def _save(self) -> None:
         try:
-            _private_dir(self.path.parent)
-            _write_private_text(self.path, json.dumps(self._load(), indent=1, sort_keys=True))
+            tighten_dir(make_private_dir(self.path.parent))
+            atomic_write(self.path, json.dumps(self._load(), indent=1, sort_keys=True))
         except OSError as e:  # a cache: losing it only costs time
             log.warning("cannot write the hash cache %s: %s", self.path, e)
 
@@ -308,7 +310,7 @@ def ensure_converted(gguf: Path, gguf_sha256: str, cache_dir: Path) -> tuple[Pat
     def build(partial: Path) -> None:
         log.info("converting %s to safetensors in %s (once)", gguf, final)
         convert_gguf(gguf, partial)
-        _write_private_text(partial / SOURCE_MARKER, json.dumps({
+        atomic_write(partial / SOURCE_MARKER, json.dumps({
             "format": CACHE_FORMAT, "gguf": str(gguf), "sha256": gguf_sha256, "dtype": "float32",
         }, indent=1))
 
@@ -340,7 +342,7 @@ def ensure_cast(fp32_dir: Path, final: Path, dtype: torch.dtype) -> tuple[Path, 
             if f.is_file() and f.name not in skip and not f.name.startswith("model"):
                 shutil.copy(f, partial / f.name)
         source = json.loads((fp32_dir / SOURCE_MARKER).read_text(encoding="utf-8"))
-        _write_private_text(partial / SOURCE_MARKER, json.dumps({**source, "dtype": _dtype_name(dtype)}, indent=1))
+        atomic_write(partial / SOURCE_MARKER, json.dumps({**source, "dtype": _dtype_name(dtype)}, indent=1))
 
     return final, _build_once(final, build)
 
@@ -349,7 +351,7 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> bool:
     """Make cache dir `final` with build(tmp dir) under a lock, renamed into place; False if it existed."""
     if _is_complete(final):
         return False
-    models = _private_dir(final.parent)
+    models = tighten_dir(make_private_dir(final.parent))
     with _file_lock(models / f"{final.name}.lock"):
         if _is_complete(final):  # another process made it while we waited
             return False
@@ -357,7 +359,7 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> bool:
         shutil.rmtree(partial, ignore_errors=True)  # left by a killed build
         if final.exists():
             shutil.rmtree(final)
-        _private_dir(partial)
+        tighten_dir(make_private_dir(partial))
         t0 = time.monotonic()
         try:
             build(partial)
@@ -429,22 +431,6 @@ def _is_complete(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------
 # Small file helpers
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o077:
-        path.chmod(0o700)
-    return path
-
-
-def _write_private_text(path: Path, text: str) -> None:
-    """Atomic (tmp + rename) write, mode 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _fsync_tree(path: Path) -> None:

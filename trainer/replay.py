@@ -1,4 +1,4 @@
-"""Rebuilding trained weights from the log: spec + estimator of a checkpoint, replay, verification."""
+"""The MeZO method's seed log: its spec and estimator record, replaying a chain onto a base, verification."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from typing import Any
 
 from torch import nn
 
-from pocketd.store import Checkpoint, CheckpointConflict, StepRecord, Store
+from pocketd.store import CheckpointConflict, StepRecord, Store
 
-from .config import Method, Perturbation, Trainable, TrainerConfig
-from .errors import BaseMismatch, ReplayMismatch
+from .config import Perturbation, Trainable, TrainerConfig
+from .errors import ReplayMismatch, SpecError
 from .lora import LoraSpec, attach_lora
+from .method import check_base
 from .params import TrainableSet, trainable_set
 from .zo import Restore, replay_step
 
@@ -34,8 +35,12 @@ class Spec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Spec":
-        lora = LoraSpec(**d["lora"]) if d.get("lora") else None
-        return cls(Trainable(d["trainable"]), lora)
+        """The spec of a stored dict; SpecError if it is not a mezo spec."""
+        try:
+            lora = LoraSpec(**d["lora"]) if d.get("lora") else None
+            return cls(Trainable(d["trainable"]), lora)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpecError(f"not a mezo trainable-part spec: {d!r} ({e})") from e
 
     def to_dict(self) -> dict[str, Any]:
         return {"trainable": self.trainable.value, "lora": self.lora.to_dict() if self.lora else None}
@@ -68,14 +73,6 @@ def prepare_model(model: nn.Module, spec: Spec) -> TrainableSet:
     if spec.lora is not None:
         attach_lora(model, spec.lora)
     return trainable_set(model, spec.trainable, lora_fa=bool(spec.lora and spec.lora.fa))
-
-
-def check_base(ck: Checkpoint, fingerprint: str) -> None:
-    if ck.base_fingerprint != fingerprint:
-        raise BaseMismatch(
-            f"checkpoint {ck.id} was trained on base {ck.base_fingerprint[:12]}, "
-            f"but the loaded base is {fingerprint[:12]}; set trainer.model back or start a new checkpoint"
-        )
 
 
 def replay(
@@ -152,56 +149,14 @@ def _compare(params: TrainableSet, expected: str, checkpoint_id: int, n_steps: i
         )
 
 
-def load_checkpoint(store: Store, cfg: TrainerConfig, cache_dir: Any, checkpoint_id: int | None = None,
-                    *, verify: bool = False, progress: Callable[[int, int], None] | None = None) -> tuple[Any, TrainableSet | None, Checkpoint | None]:
-    """Load the base and rebuild a checkpoint on it (default: the current one).
-
-    Returns (base, trainable set or None, checkpoint or None); with no checkpoint
-    the base is returned unchanged.
-    """
-    from .model import load_base
-
-    base = load_base(cfg.model, cache_dir, cfg.dtype)
-    ck = store.log.get(checkpoint_id) if checkpoint_id is not None else store.log.current()
-    if ck is None:
-        return base, None, None
-    return base, apply_checkpoint(store, base.model, ck, base.fingerprint, verify=verify, progress=progress), ck
-
-
-def apply_checkpoint(store: Store, model: nn.Module, ck: Checkpoint, fingerprint: str, *, verify: bool = False,
-                     progress: Callable[[int, int], None] | None = None) -> TrainableSet:
-    """Put a checkpoint's trained tensors on a freshly loaded base model, by its method: a seed log is
-    replayed; a side checkpoint's stored tensors are loaded and checked against their hash."""
-    check_base(ck, fingerprint)
-    if ck.method == Method.SIDE.value:
-        from .side import SideSpec, attach_side, load_side_state
-
-        att = attach_side(model, SideSpec.from_dict(ck.spec))
-        load_side_state(store, att, ck, fingerprint, verify=verify)
-        if progress is not None:
-            progress(1, 1)
-        return att.params
-    params = prepare_model(model, Spec.from_dict(ck.spec))
-    replay(store, params, ck.id, fingerprint, verify=verify, progress=progress)
-    return params
-
-
-def load_current(store: Store, cfg: TrainerConfig, cache_dir: Any) -> tuple[Any, Any, Checkpoint | None]:
-    """(base, model with the current checkpoint applied or None, checkpoint or None): for generate/export."""
-    base, params, ck = load_checkpoint(store, cfg, cache_dir)
-    return base, (base.model if ck is not None else None), ck
-
-
-def record_hashes(store: Store, cfg: TrainerConfig, cache_dir: Any, checkpoint_id: int) -> str:
-    """Replay a chain (e.g. rebuilt by forget) and store the hash after each of its checkpoints."""
-    from .model import load_base
-
-    base = load_base(cfg.model, cache_dir, cfg.dtype)
+def record_hashes(store: Store, model: nn.Module, fingerprint: str, checkpoint_id: int) -> str:
+    """Replay a chain (e.g. rebuilt by forget) onto a fresh base model and store the hash after each of
+    its checkpoints; return the last."""
     chain = store.log.chain(checkpoint_id)
-    params = prepare_model(base.model, Spec.from_dict(chain[-1].spec))
+    params = prepare_model(model, Spec.from_dict(chain[-1].spec))
     sha = params.sha256()
     for ck in chain:
-        check_base(ck, base.fingerprint)
+        check_base(ck, fingerprint)
         restore = Restore(ck.estimator.get("restore", Restore.SNAPSHOT.value))
         if 0 not in store.log.hashes(ck.id):
             store.log.add_hash(ck.id, 0, sha)

@@ -1,8 +1,13 @@
-"""One training session: load base + current checkpoint, run ZO steps, log each, gate at the end.
+"""One training session of any method: load, resume or open a candidate, train, gate at the end.
 
-The loop commits every step (a killed process loses at most the step in flight),
-stops after the current step when `stop` is set (SIGTERM/SIGINT), and stops
-cleanly when RSS passes the memory budget.
+The loop is the same for every method (trainer.method.TrainingMethod, looked up in
+trainer.registry by `trainer.method`): it stops after the current step when `stop`
+is set (SIGTERM/SIGINT), on the step or time budget, when RSS passes the memory
+budget, or after too many non-finite losses in a row (or one the method cannot
+undo). What a step does and when its progress becomes durable is the method's
+(mezo: a log row per step; side: the tensors every few seconds and at the end);
+a candidate left by a stopped session is resumed by the next one, and a finished
+one is promoted only if its validation loss beats its parent's.
 """
 
 from __future__ import annotations
@@ -16,26 +21,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pocketd.store import Checkpoint, Status, StepRecord, Store
+from pocketd.store import Checkpoint, Status, Store
 
-from .actcache import ActivationCache
 from .budget import estimate_need_mb, rss_mb
-from .config import LrSchedule, Method, TrainerConfig, activation_cache_dir
-from .data import BatchSampler, collate, items_for, pad_id_of
-from .errors import NoTrainingData, OverBudget
+from .config import TrainerConfig
+from .data import BatchSampler, items_for, pad_id_of
+from .errors import OverBudget
 from .evaluate import EvalResult, eval_items, evaluate
 from .job import ExitCode, Phase, SessionStatus, TrainingJob
-from .loss import mean_loss
-from .multi import estimate_batched
-from .prefix import Parts, PrefixUnsupported, batch_prefixes, first_trainable_layer, suffix_mean_loss
-from .replay import Spec, estimator_dict, prepare_model, replay
-from .stepsize import StepSizer
-from .zo import Restore, apply_update, estimate, f32
+from .method import SessionContext, TrainingMethod
+from .registry import method_for
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +74,6 @@ class SessionOutcome:
         return EXIT_CODES[self.end_reason]
 
 
-def lr_at(cfg: TrainerConfig, step: int) -> float:
-    """The learning rate of a step (float32-rounded, as the log stores it)."""
-    lr = cfg.lr
-    if cfg.lr_schedule is LrSchedule.INVERSE_SQRT:
-        lr = cfg.lr / math.sqrt(1.0 + step / 100.0)
-    return f32(lr)
-
-
-def _resumable(store: Store, current: Checkpoint | None, fingerprint: str, spec: Spec) -> Checkpoint | None:
-    """An unevaluated candidate that continues the current checkpoint (left by a stopped session)."""
-    parent = current.id if current else None
-    for ck in reversed(store.log.list()):
-        if (ck.status is Status.CANDIDATE and ck.parent_id == parent and ck.base_fingerprint == fingerprint
-                and ck.spec == spec.to_dict()):
-            return ck
-    return None
-
-
 def run_session(
     job: TrainingJob,
     stop: threading.Event,
@@ -114,10 +95,6 @@ def run_session(
     on_status(status)
     store = Store.open(job.database)
     try:
-        if cfg.method is Method.SIDE:
-            from .side_session import run_side
-
-            return run_side(job, store, stop, status, on_status, load_base)
         return _run(job, store, stop, status, on_status, load_base)
     finally:
         store.close()
@@ -208,79 +185,77 @@ def open_candidate(store: Store, resumed: Checkpoint | None, parent_id: int | No
     return ck_id, 0, parent_eval
 
 
-def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # type: ignore[no-untyped-def]
+def _resumable(store: Store, method: TrainingMethod, parent: Checkpoint | None, fingerprint: str,
+               spec: dict[str, Any]) -> Checkpoint | None:
+    """An unevaluated candidate of this method and spec that continues `parent` (left by a stopped session)."""
+    pid = parent.id if parent else None
+    for ck in reversed(store.log.list()):
+        if (ck.status is Status.CANDIDATE and ck.method == method.key.value and ck.parent_id == pid
+                and ck.base_fingerprint == fingerprint and ck.spec == spec):
+            return ck
+    return None
+
+
+def _run(job: TrainingJob, store: Store, stop: threading.Event, status: SessionStatus,
+         on_status: Callable[[SessionStatus], None], load_base: Callable[..., Any]) -> SessionOutcome:
     cfg: TrainerConfig = job.trainer
     loaded = load_session(job, store, load_base)
     if loaded is None:
         return SessionOutcome(None, 0, EndReason.NO_DATA, peak_rss_mb=rss_mb())
     base, deadline, eval_now = loaded.base, loaded.deadline, loaded.eval_now
-    model = base.model
-    spec = Spec.from_config(cfg)
-    current = store.log.current()
-    if current is not None and current.spec != spec.to_dict():
-        log.warning("trainer spec changed since checkpoint %d: starting a new chain from the base", current.id)
-        current = None
-    params = prepare_model(model, spec)
-    resumed = _resumable(store, current, base.fingerprint, spec)
+    method = method_for(cfg.method)
+    spec_obj = method.spec_from_config(cfg)
+    spec = spec_obj.to_dict()
+    parent = store.log.current()
+    if parent is not None and (parent.method != method.key.value or parent.spec != spec):
+        log.warning("checkpoint %d is of another method or trainable-part spec: starting a new chain from the base",
+                    parent.id)
+        parent = None
+    part = method.attach(base.model, spec_obj)
+    resumed = _resumable(store, method, parent, base.fingerprint, spec)
     status.phase = Phase.REPLAYING
     on_status(status)
-    start_from = resumed.id if resumed else (current.id if current else None)
+    start_from = resumed or parent
     if start_from is not None:
-        # Every stored hash of the chain is compared: a log that does not verify is never trained on.
-        n = replay(store, params, start_from, base.fingerprint, verify=True)
-        log.info("replayed %d steps of checkpoint %d", n, start_from)
+        # Every stored hash is compared: a checkpoint that does not verify is never trained on.
+        n = method.load(store, part, start_from, base.fingerprint, verify=True)
+        log.info("restored checkpoint %d (%d steps)", start_from.id, n)
     ck_id, step, parent_eval = open_candidate(
-        store, resumed, current.id if current else None, cfg.method.value, base.fingerprint, spec.to_dict(),
-        estimator_dict(cfg), eval_now, lambda ck: store.log.add_hash(ck, 0, params.sha256()))
+        store, resumed, parent.id if parent else None, method.key.value, base.fingerprint, spec,
+        method.estimator(cfg), eval_now, lambda ck: method.record_start(store, ck, part))
     chain_steps = sum(c.n_steps for c in store.log.chain(ck_id))
-    seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
-    rng = random.Random(seed)
+    rng = random.Random(cfg.seed if cfg.seed is not None else secrets.randbits(63))
     sampler = BatchSampler(loaded.train_items, store.docs.trained_counts(), cfg.batch_size, rng.getrandbits(63))
-    restore = Restore(estimator_dict(cfg)["restore"])
-    zo_step = _step_plan(model, params, base.fingerprint, job)
-    sizer = StepSizer(cfg.step_rule, cfg.divergence_guard)
+    trainer = method.trainer(SessionContext(job, store, base, part, ck_id, loaded.pad, rng))
     outcome = SessionOutcome(ck_id, 0, EndReason.STOPPED)
     status.phase, status.checkpoint_id, status.total_steps = Phase.TRAINING, ck_id, chain_steps
     on_status(status)
     nonfinite_run = 0
     t_loop = time.monotonic()
-    while True:
-        reason = end_reason(stop, job, outcome.steps, deadline)
-        if reason is not None:
-            outcome.end_reason = reason
-            break
-        items = sampler.next()
-        batch = collate(items, loaded.pad)
-        seeds = [rng.getrandbits(63) for _ in range(cfg.n_perturbations)]
-        res = zo_step(batch, seeds, restore)
-        if not res.finite:
-            outcome.skipped_nonfinite += 1
-            nonfinite_run += 1
-            log.warning("step %d: non-finite loss (%s / %s): skipped, not logged", step, res.loss_plus, res.loss_minus)
-            if restore is Restore.DANCE or nonfinite_run >= cfg.max_nonfinite:
-                # The dance cannot be undone exactly: stop here; the log (not these weights) is the truth.
-                outcome.end_reason = EndReason.DIVERGED
+    try:
+        while (reason := end_reason(stop, job, outcome.steps, deadline)) is None:
+            items = sampler.next()
+            res = trainer.step(items, step, chain_steps)
+            if not res.finite:
+                outcome.skipped_nonfinite += 1
+                nonfinite_run += 1
+                log.warning("step %d: non-finite loss (%s): skipped, not logged", step, res.detail)
+                if res.fatal or nonfinite_run >= cfg.max_nonfinite:
+                    reason = EndReason.DIVERGED
+                    break
+                continue
+            nonfinite_run = 0
+            trainer.commit(items, res, step)
+            step += 1
+            chain_steps += 1
+            outcome.step_backoffs += int(res.backed_off)
+            if report_step(outcome, status, res.loss, chain_steps, t_loop, job, deadline, on_status):
+                reason = EndReason.OVER_BUDGET
                 break
-            continue
-        nonfinite_run = 0
-        lr = f32(sizer.lr(lr_at(cfg, chain_steps), res.grads))
-        apply_update(params, seeds, res.grads, lr, cfg.perturbation)
-        sha = params.sha256() if (step + 1) % cfg.hash_every == 0 else None
-        rec = StepRecord(step, tuple(seeds), res.grads, lr, res.loss, tuple(sorted({it.document_id for it in items})))
-        with store.db.atomic():
-            store.log.append_step(ck_id, rec, sha)
-            store.docs.mark_trained([it.example_id for it in items])
-        step += 1
-        chain_steps += 1
-        if sizer.observe(res.loss):
-            outcome.step_backoffs = sizer.backoffs
-            log.warning("step %d: training loss rose above the session's start: step size halved (x%g)",
-                        step, sizer.scale)
-        if report_step(outcome, status, res.loss, chain_steps, t_loop, job, deadline, on_status):
-            outcome.end_reason = EndReason.OVER_BUDGET
-            break
-    if outcome.steps and (step % cfg.hash_every) != 0:
-        store.log.add_hash(ck_id, step, params.sha256())
+        outcome.end_reason = reason
+        trainer.finish(step, outcome.steps)
+    finally:
+        trainer.close()
     if outcome.end_reason in (EndReason.STOPPED, EndReason.DIVERGED, EndReason.OVER_BUDGET) or step == 0:
         # Left as a candidate: the next session resumes it, or the gate runs then.
         status.phase, status.end_reason = Phase.DONE, outcome.end_reason.value
@@ -288,41 +263,6 @@ def _run(job, store, stop, status, on_status, load_base) -> SessionOutcome:  # t
         return outcome
     gate(store, ck_id, eval_now, parent_eval, outcome, status, on_status, job)
     return outcome
-
-
-def _step_plan(model, params, fingerprint: str, job: TrainingJob) -> Callable[[Any, list[int], Restore], Any]:  # type: ignore[no-untyped-def]
-    """(batch, seeds, restore) -> StepResult: the ZO estimate with the shared frozen prefix (and its
-    activation cache) when the trainable tensors allow it, batched over perturbations if configured."""
-    cfg: TrainerConfig = job.trainer
-    kw = dict(micro_batch=cfg.micro_batch_size, chunk_tokens=cfg.loss_chunk_tokens)
-    first = first_trainable_layer(model, params.tensors) if cfg.prefix_sharing else 0
-    parts = None
-    if first > 0 or cfg.batched_perturbations:
-        try:
-            parts = Parts.of(model)
-        except PrefixUnsupported as e:
-            log.warning("prefix sharing and batched perturbations off: %s", e)
-    if parts is None:
-        return lambda batch, seeds, restore: estimate(
-            params, lambda: mean_loss(model, batch, **kw), seeds, cfg.eps, restore, cfg.perturbation)
-    cache = None
-    if cfg.activation_cache_mb > 0 and first > 0:
-        hidden = int(parts.head.weight.shape[1])  # [V, H]
-        cache = ActivationCache(activation_cache_dir(job.cache_dir), fingerprint, first, parts.head.weight.dtype,
-                                hidden, cfg.activation_cache_mb * 2**20)
-    log.info("frozen prefix: layers 0..%d run once per step%s%s", first - 1,
-             f"; activation cache {cfg.activation_cache_mb} MiB ({len(cache)} windows)" if cache else "",
-             "; perturbations batched" if cfg.batched_perturbations else "")
-
-    def step(batch: Any, seeds: list[int], restore: Restore) -> Any:
-        prefixes = batch_prefixes(parts, batch, first, cfg.micro_batch_size, cache)
-        if cfg.batched_perturbations:
-            return estimate_batched(model, params, parts, prefixes, seeds, cfg.eps, cfg.perturbation,
-                                    cfg.loss_chunk_tokens)
-        return estimate(params, lambda: suffix_mean_loss(parts, prefixes, cfg.loss_chunk_tokens), seeds, cfg.eps,
-                        restore, cfg.perturbation)
-
-    return step
 
 
 def gate(store: Store, ck_id: int, eval_now: Callable[[], EvalResult | None], parent_eval: EvalResult | None,

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from .config import SidePart, Trainable, TrainerConfig
-from .errors import ReplayMismatch
+from .errors import ReplayMismatch, SpecError
 from .lora import LoraSpec, attach_lora
 from .params import TrainableSet, trainable_set
 from .prefix import Parts
-from .replay import check_base
+from .method import check_base
 
 if TYPE_CHECKING:
     from pocketd.store import Checkpoint, Store
@@ -43,16 +43,17 @@ class SideSpec:
 
     @classmethod
     def from_config(cls, cfg: TrainerConfig) -> "SideSpec":
-        if cfg.side_part is SidePart.ADAPTERS:
-            lora = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.value, cfg.lora_layers, cfg.lora_seed)
-            return cls(SidePart.ADAPTERS, lora=lora, seed=cfg.lora_seed)
-        return cls(SidePart.MLP, hidden=cfg.side_hidden, seed=cfg.lora_seed)
+        return PARTS[cfg.side_part].spec_from_config(cfg)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SideSpec":
-        part = SidePart(d["side"])
-        lora = LoraSpec(**d["lora"]) if d.get("lora") else None
-        return cls(part, lora=lora, hidden=d.get("hidden"), seed=int(d.get("seed", 0)))
+        """The spec of a stored dict; SpecError if it is not a side spec (of a part this build has)."""
+        try:
+            part = SidePart(d["side"])
+            lora = LoraSpec(**d["lora"]) if d.get("lora") else None
+            return cls(part, lora=lora, hidden=d.get("hidden"), seed=int(d.get("seed", 0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpecError(f"not a side trainable-part spec: {d!r} ({e})") from e
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"side": self.part.value, "seed": self.seed}
@@ -63,11 +64,8 @@ class SideSpec:
         return d
 
     def start_layer(self, n_layers: int) -> int:
-        """The layer whose input is cached: the lowest adapted layer, or n_layers (the final norm's input)."""
-        if self.part is SidePart.MLP:
-            return n_layers
-        layers = self.lora.layers if self.lora and self.lora.layers else n_layers
-        return max(0, n_layers - layers)
+        """The layer whose input is cached (n_layers: the final norm's input)."""
+        return PARTS[self.part].start_layer(self, n_layers)
 
 
 class SideMLP(nn.Module):
@@ -105,21 +103,79 @@ class Attached:
 
 def attach_side(model: nn.Module, spec: SideSpec) -> Attached:
     """Put a fresh (identity) side part on the model in place and return it."""
-    if spec.part is SidePart.ADAPTERS:
+    return PARTS[spec.part].attach(model, spec)
+
+
+class PartKind(Protocol):
+    """One kind of side part (`trainer.side_part`): a new kind is one class here plus one PARTS line."""
+
+    def spec_from_config(self, cfg: TrainerConfig) -> SideSpec:
+        ...
+
+    def attach(self, model: nn.Module, spec: SideSpec) -> Attached:
+        ...
+
+    def start_layer(self, spec: SideSpec, n_layers: int) -> int:
+        """The layer whose input is cached: everything below it is frozen and runs once per example."""
+        ...
+
+    def export_refusal(self, spec: SideSpec, checkpoint_id: int) -> str | None:
+        """Why such a part cannot become a transformers model or PEFT adapter (None: it can)."""
+        ...
+
+
+class AdaptersPart:
+    """LoRA adapters (A and B) in the top `lora_layers` decoder layers."""
+
+    def spec_from_config(self, cfg: TrainerConfig) -> SideSpec:
+        lora = LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.value, cfg.lora_layers, cfg.lora_seed)
+        return SideSpec(SidePart.ADAPTERS, lora=lora, seed=cfg.lora_seed)
+
+    def attach(self, model: nn.Module, spec: SideSpec) -> Attached:
         if spec.lora is None:
-            raise ValueError("side spec: part adapters without a lora spec")
+            raise SpecError("side spec: part adapters without a lora spec")
         loras = attach_lora(model, spec.lora)
         leaves = [p for path in sorted(loras) for p in (loras[path].lora_A, loras[path].lora_B)]
         params = trainable_set(model, Trainable.LORA, lora_fa=False)
         return Attached(spec, params, leaves)
-    parts = Parts.of(model)
-    hidden_size = int(parts.head.weight.shape[1])  # [V, H]
-    mlp = SideMLP(hidden_size, int(spec.hidden or 1), spec.seed, parts.head.weight.dtype)
-    mlp.requires_grad_(False)
-    parts.norm.register_forward_hook(lambda _m, _args, out: mlp(out))  # lives as long as the model
-    leaves = [mlp.w1, mlp.b1, mlp.w2]
-    params = TrainableSet(("side.w1", "side.b1", "side.w2"), tuple(p.data for p in leaves))
-    return Attached(spec, params, leaves)
+
+    def start_layer(self, spec: SideSpec, n_layers: int) -> int:
+        layers = spec.lora.layers if spec.lora and spec.lora.layers else n_layers
+        return max(0, n_layers - layers)
+
+    def export_refusal(self, spec: SideSpec, checkpoint_id: int) -> str | None:
+        return None
+
+
+class MlpPart:
+    """An additive MLP on the final hidden state, hooked on the backbone's final norm."""
+
+    def spec_from_config(self, cfg: TrainerConfig) -> SideSpec:
+        return SideSpec(SidePart.MLP, hidden=cfg.side_hidden, seed=cfg.lora_seed)
+
+    def attach(self, model: nn.Module, spec: SideSpec) -> Attached:
+        parts = Parts.of(model)
+        hidden_size = int(parts.head.weight.shape[1])  # [V, H]
+        mlp = SideMLP(hidden_size, int(spec.hidden or 1), spec.seed, parts.head.weight.dtype)
+        mlp.requires_grad_(False)
+        parts.norm.register_forward_hook(lambda _m, _args, out: mlp(out))  # lives as long as the model
+        leaves = [mlp.w1, mlp.b1, mlp.w2]
+        params = TrainableSet(("side.w1", "side.b1", "side.w2"), tuple(p.data for p in leaves))
+        return Attached(spec, params, leaves)
+
+    def start_layer(self, spec: SideSpec, n_layers: int) -> int:
+        return n_layers
+
+    def export_refusal(self, spec: SideSpec, checkpoint_id: int) -> str | None:
+        return (f"checkpoint {checkpoint_id} trains a side MLP on the final hidden state, which a plain "
+                "transformers model or a PEFT adapter cannot hold; `pocketd checkpoint export "
+                f"{checkpoint_id} FILE` writes its tensors")
+
+
+PARTS: dict[SidePart, PartKind] = {
+    SidePart.ADAPTERS: AdaptersPart(),
+    SidePart.MLP: MlpPart(),
+}
 
 
 def pack_state(params: TrainableSet, metadata: dict[str, str] | None = None) -> bytes:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .ckptfile import envelope
+from .config import Method
 from .errors import CheckpointFileError
 
 MAGIC = b"PKTDSID1"
@@ -39,7 +40,7 @@ def is_side_file(data: bytes) -> bool:
 
 
 def pack(f: SideFile) -> bytes:
-    header = json.dumps({"base_fingerprint": f.base_fingerprint, "method": "side", "spec": f.spec,
+    header = json.dumps({"base_fingerprint": f.base_fingerprint, "method": Method.SIDE.value, "spec": f.spec,
                          "estimator": f.estimator, "torch_version": f.torch_version, "n_steps": f.n_steps,
                          "sha256": f.sha256}, sort_keys=True).encode("utf-8")
     payload = MAGIC + struct.pack("<I", len(header)) + header + f.tensors

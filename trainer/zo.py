@@ -25,6 +25,8 @@ from enum import Enum
 
 import torch
 
+from pocketd.store.log import f32  # pocketd's one float32 rounding (what the log stores)
+
 from .config import Perturbation
 from .params import TrainableSet
 
@@ -34,10 +36,6 @@ GAUSSIAN = Perturbation.GAUSSIAN
 class Restore(str, Enum):
     SNAPSHOT = "snapshot"  # copy the trainable tensors, copy back: exact, memory = trainable size
     DANCE = "dance"  # +eps, -2eps, +eps in place: no memory, replay repeats it
-
-
-def f32(x: float) -> float:
-    return float(torch.tensor(x, dtype=torch.float32).item())
 
 
 SPARSE_DENSITY = 0.1  # Perturbation.SPARSE: fraction of coordinates perturbed per seed

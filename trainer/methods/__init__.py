@@ -1,0 +1,1 @@
+"""The training methods, one module each (registered in trainer.registry)."""
