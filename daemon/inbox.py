@@ -82,8 +82,8 @@ class InboxWatcher:
         report = ingest_paths(store, [p for p, _ in changed], self.config, source=str(self.folder.resolve()))
         for path, fp in changed:  # rejected files too: they are retried only when they change
             self._seen[path] = fp
-        for rejected in report.rejected:
+        for rejected in report.rejected:  # the first REPORT_ENTRY_LIMIT; the count below is exact
             log.warning("inbox: rejected %s: %s", rejected.input, rejected.reason)
-        result = InboxResult(len(changed), len(report.added), len(report.duplicates), len(report.rejected))
+        result = InboxResult(len(changed), report.n_added, report.n_duplicates, report.n_rejected)
         log.info("inbox %s: %s", self.folder, result.summary())
         return result

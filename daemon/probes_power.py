@@ -9,6 +9,9 @@ The contract (`PowerProbe`), which every implementation here keeps:
   read (percent, temperature, status) are None without making the whole reading unknown.
 * `read()` returns within a bounded time (the Termux probe kills its command on timeout).
 * `source` names the probe ("termux", "sysfs", "psutil", "fake").
+* A failure that repeats is logged without flooding the log (`FailureLog`): the first at
+  WARNING, then at most one line per `FAILURE_LOG_INTERVAL_S` while it keeps failing (with
+  the count of failures not logged), and one INFO line when the probe works again.
 * Probes are cheap to call repeatedly and are safe to call from any one thread at a time.
 * The desktop rule: no battery present at all gives `has_battery=False` and, when the
   probe is built with `no_battery_means_mains=True` (policy `no_battery_means_mains`),
@@ -25,7 +28,9 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -38,6 +43,8 @@ TERMUX_COMMAND = "termux-battery-status"
 SYSFS_ROOT = Path("/sys/class/power_supply")
 DEFAULT_TIMEOUT_S = 10.0
 _MAX_OUTPUT = 64 * 1024  # termux-battery-status prints ~250 bytes
+# While a probe keeps failing (a hanging termux-battery-status), at most one log line per this many seconds.
+FAILURE_LOG_INTERVAL_S = 600.0
 
 __all__ = [
     "PowerProbe",
@@ -51,6 +58,8 @@ __all__ = [
     "parse_termux_battery",
     "TERMUX_COMMAND",
     "SYSFS_ROOT",
+    "FailureLog",
+    "FAILURE_LOG_INTERVAL_S",
 ]
 
 
@@ -92,23 +101,95 @@ def _percent(value: Any) -> float | None:
     return f if f is not None and 0 <= f <= 100 else None
 
 
+def _duration(seconds: float) -> str:
+    """A short human duration: "45 s", "10 min", "2.5 h"."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class FailureLog:
+    """Logs a repeating failure of one thing (`what`, e.g. "termux-battery-status") without flooding the log.
+
+    `failed(reason)`: the first failure of a run of failures is logged at WARNING; while the failures go
+    on, at most one WARNING per `interval_s` (saying how many failures were not logged since the last
+    line); the others are only counted. `succeeded()`: after failures, one INFO line that it works again.
+    `clock` (seconds, monotonic) is injectable for tests. Thread-safe.
+    """
+
+    def __init__(self, what: str, *, interval_s: float = FAILURE_LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic, logger: logging.Logger | None = None) -> None:
+        if interval_s < 0:
+            raise ValueError(f"interval_s must be >= 0, got {interval_s}")
+        self.what = what
+        self.interval_s = interval_s
+        self._clock = clock
+        self._log = logger or log
+        self._lock = threading.Lock()
+        self._failing_since: float | None = None
+        self._last_logged = 0.0
+        self._failures = 0  # in the current run of failures
+        self._not_logged = 0  # since the last line
+
+    @property
+    def failing(self) -> bool:
+        return self._failing_since is not None
+
+    def failed(self, reason: str, *, exc_info: bool = False) -> None:
+        with self._lock:
+            now = self._clock()
+            self._failures += 1
+            if self._failing_since is None:
+                self._failing_since = self._last_logged = now
+                self._not_logged = 0
+                self._log.warning("%s failed: %s (while it keeps failing, logged at most once every %s)",
+                                  self.what, reason, _duration(self.interval_s), exc_info=exc_info)
+            elif now - self._last_logged >= self.interval_s:
+                self._log.warning("%s still failing: %s (%d failures not logged in the last %s; %d since %s ago)",
+                                  self.what, reason, self._not_logged, _duration(now - self._last_logged),
+                                  self._failures, _duration(now - self._failing_since), exc_info=exc_info)
+                self._last_logged = now
+                self._not_logged = 0
+            else:
+                self._not_logged += 1
+
+    def succeeded(self) -> None:
+        with self._lock:
+            if self._failing_since is None:
+                return
+            now = self._clock()
+            self._log.info("%s works again, after %d failure%s over %s", self.what, self._failures,
+                           "" if self._failures == 1 else "s", _duration(now - self._failing_since))
+            self._failing_since = None
+            self._failures = self._not_logged = 0
+
+
 class _GuardedProbe:
-    """Base: `read()` calls `_read()` and turns any exception into an unknown reading."""
+    """Base: `read()` calls `_read()` and turns any exception into an unknown reading (logged through a
+    `FailureLog`, so a probe failing on every read does not flood the log)."""
 
     source = "unknown"
+    _failure_log: FailureLog | None = None
+
+    def _failures(self) -> FailureLog:
+        if self._failure_log is None:
+            self._failure_log = FailureLog(f"{self.source} power probe")
+        return self._failure_log
 
     def read(self) -> PowerReading:
         try:
             return self._read()
         except Exception as e:  # the contract: a probe never crashes the daemon
-            log.warning("%s power probe failed: %s", self.source, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            self._failures().failed(f"{type(e).__name__}: {e}", exc_info=log.isEnabledFor(logging.DEBUG))
             return unknown_power(self.source, f"probe error: {type(e).__name__}: {e}")
 
     def _read(self) -> PowerReading:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "env")
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "env" and not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
 
@@ -150,50 +231,66 @@ class TermuxBatteryProbe(_GuardedProbe):
 
     The command waits forever for the Termux:API app when the app is not installed,
     so it runs in its own process group which is killed (SIGKILL) on timeout.
-    Timeout, non-zero exit, bad JSON or a missing command give an unknown reading.
+    Timeout, non-zero exit, bad JSON or a missing command give an unknown reading; such failures
+    are logged through a `FailureLog` (`log_interval_s`, `clock`), since the daemon reads the probe
+    every few seconds and a hanging command would otherwise log a warning on every read.
     """
 
     source = "termux"
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, command: str = TERMUX_COMMAND,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, *, log_interval_s: float = FAILURE_LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout_s = timeout_s
         self.command = command
         self.env = env  # None: the daemon's environment at each read (PATH looked up then)
+        self._failure_log = FailureLog(command, interval_s=log_interval_s, clock=clock)
 
     def _read(self) -> PowerReading:
+        reading, failure = self._run()
+        if failure is None:
+            self._failures().succeeded()
+        else:
+            self._failures().failed(failure)
+        return reading
+
+    def _failed(self, reason: str, hint: str = "") -> tuple[PowerReading, str]:
+        return unknown_power(self.source, f"{self.command} {reason}"), reason + hint
+
+    def _run(self) -> tuple[PowerReading, str | None]:
+        """The reading, and why the command failed (None when it ran and printed JSON)."""
         env = dict(os.environ if self.env is None else self.env)
         exe = shutil.which(self.command, path=env.get("PATH"))
         if exe is None:
-            return unknown_power(self.source, f"{self.command} not found on PATH (pkg install termux-api)")
+            return self._failed("not found on PATH (pkg install termux-api)")
         try:
             proc = subprocess.Popen(
                 [exe], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=env, start_new_session=True, close_fds=True,
             )
         except OSError as e:
-            return unknown_power(self.source, f"cannot run {self.command}: {e.strerror or e}")
+            reading = unknown_power(self.source, f"cannot run {self.command}: {e.strerror or e}")
+            return reading, f"cannot run it: {e.strerror or e}"
         try:
             out, err = proc.communicate(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            log.warning("%s timed out after %g s (is the Termux:API app installed?)", self.command, self.timeout_s)
-            return unknown_power(self.source, f"{self.command} timed out after {self.timeout_s:g} s")
+            return self._failed(f"timed out after {self.timeout_s:g} s", " (is the Termux:API app installed?)")
         except BaseException:  # never leave the command running behind us
             _kill_group(proc)
             raise
         if proc.returncode != 0:
             detail = err.decode("utf-8", "replace").strip().splitlines()
             tail = f": {detail[0][:200]}" if detail else ""
-            return unknown_power(self.source, f"{self.command} exited with status {proc.returncode}{tail}")
+            return self._failed(f"exited with status {proc.returncode}{tail}")
         if len(out) > _MAX_OUTPUT:
-            return unknown_power(self.source, f"{self.command} printed {len(out)} bytes, too much")
+            return self._failed(f"printed {len(out)} bytes, too much")
         try:
             data = json.loads(out.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             snippet = out[:60].decode("utf-8", "replace")
-            return unknown_power(self.source, f"{self.command} printed invalid JSON: {snippet!r}")
-        return parse_termux_battery(data)
+            return self._failed(f"printed invalid JSON: {snippet!r}")
+        return parse_termux_battery(data), None
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

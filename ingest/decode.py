@@ -47,15 +47,18 @@ def read_stream(stream: BinaryIO, input_name: str, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages: "a folder", "a named pipe", "a character device", ..."""
     if stat.S_ISDIR(mode):
         return "a folder"
     if stat.S_ISFIFO(mode):
         return "a named pipe"
     if stat.S_ISSOCK(mode):
         return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
     return "not a regular file"
 
 
@@ -70,19 +73,54 @@ def stat_regular_file(path: Path, input_name: str) -> os.stat_result:
     except OSError as e:
         raise Unreadable(input_name, f"cannot read: {e.strerror or e}") from e
     if not stat.S_ISREG(st.st_mode):
-        raise NotAFile(input_name, _file_kind(st.st_mode))
+        raise NotAFile(input_name, file_kind(st.st_mode))
     return st
+
+
+# Opening never blocks: not on a FIFO (which waits for a writer), not on a device or terminal.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_regular_file(path: Path, input_name: str) -> tuple[BinaryIO, os.stat_result]:
+    """Open a regular file for reading (following symlinks); PathNotFound, NotAFile or Unreadable otherwise.
+
+    The path is checked with stat first, so a device, FIFO or socket is never opened; and the file is
+    opened non-blocking and checked again with fstat, so one swapped in after the stat (a FIFO
+    replacing the file) is refused instead of blocking the run.
+    """
+    stat_regular_file(path, input_name)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise PathNotFound(input_name) from None
+    except OSError as e:
+        raise Unreadable(input_name, f"cannot read: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(input_name, file_kind(st.st_mode))
+        if _OPEN_FLAGS & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)  # reads of the regular file then wait as usual
+        return os.fdopen(fd, "rb"), st
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_file(path: Path, input_name: str, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes, checked by size before reading."""
-    st = stat_regular_file(path, input_name)
-    check_size(st.st_size, input_name, limit)
-    try:
-        with path.open("rb") as f:
-            return read_stream(f, input_name, limit)  # the file may have grown since stat
-    except OSError as e:
-        raise Unreadable(input_name, f"cannot read: {e.strerror or e}") from e
+    return read_file_stat(path, input_name, limit)[0]
+
+
+def read_file_stat(path: Path, input_name: str, limit: int) -> tuple[bytes, os.stat_result]:
+    """`read_file`, and the file's stat (taken on the open file)."""
+    f, st = open_regular_file(path, input_name)
+    with f:
+        check_size(st.st_size, input_name, limit)
+        try:
+            return read_stream(f, input_name, limit), st  # the file may have grown since stat
+        except OSError as e:
+            raise Unreadable(input_name, f"cannot read: {e.strerror or e}") from e
 
 
 def decode(data: bytes, input_name: str, *, base_offset: int = 0) -> str:

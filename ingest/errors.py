@@ -48,13 +48,20 @@ class UnsupportedFile(IngestError):
 
 
 class TooLarge(IngestError):
-    """The input is over `ingest.max_document_bytes`; it is rejected whole, never truncated."""
+    """The input is over `ingest.max_document_bytes`; it is rejected whole, never truncated.
 
-    def __init__(self, input_name: str, size: int | None, limit: int) -> None:
+    `size_as_given`: set when `size` is the normalized text's size (Unicode NFC can make a text up to
+    three times longer in UTF-8), the size before normalization.
+    """
+
+    def __init__(self, input_name: str, size: int | None, limit: int, *, size_as_given: int | None = None) -> None:
         got = f"{size:,} bytes" if size is not None else "more than that"
+        if size_as_given is not None:
+            got += f" once normalized (Unicode NFC; {size_as_given:,} bytes as given)"
         super().__init__(input_name, f"too large: {got}, the limit is {limit:,} bytes (ingest.max_document_bytes)")
         self.size = size
         self.limit = limit
+        self.size_as_given = size_as_given
 
 
 class BinaryInput(IngestError):

@@ -18,7 +18,7 @@ from pocketd.store import Store
 
 from .config import IngestConfig
 from .decode import check_size, check_text
-from .errors import EmptyText, IngestError, InvalidUnicode
+from .errors import EmptyText, IngestError, InvalidUnicode, TooLarge
 from .normalize import normalize
 from .report import Added, Duplicate, IngestReport, Rejected, Skipped
 from .sources import RawDocument, display_path, iter_inputs
@@ -34,10 +34,15 @@ def prepare(text: str, input_name: str, config: IngestConfig, *, decoded: bool =
     """
     if not decoded:
         check_text(text, input_name)
-    check_size(len(text.encode("utf-8")), input_name, config.max_document_bytes)
+    size = len(text.encode("utf-8"))
+    check_size(size, input_name, config.max_document_bytes)
     normalized = normalize(text)
     if not normalized:
         raise EmptyText(input_name, whitespace_only=bool(text))
+    # What is stored is the normalized text, which NFC can make up to 3x longer: check that too.
+    stored = len(normalized.encode("utf-8"))
+    if stored > config.max_document_bytes:
+        raise TooLarge(input_name, stored, config.max_document_bytes, size_as_given=size)
     return normalized, split_examples(normalized, config.example_max_chars)
 
 

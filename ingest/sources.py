@@ -16,6 +16,11 @@ Formats, by extension:
 - any other extension in `ingest.extensions` (.txt, .md by default): the whole
   file is one document, created_at = the file's modification time.
 
+Only regular files are opened (and opened non-blocking, checked again once open): a
+device, named pipe or socket in a folder, or a symbolic link to one, is skipped as
+"not a regular file (a character device; a symbolic link to /dev/zero)"; named on the
+command line it is rejected as "not a regular file (a named pipe)".
+
 Source names: `--source NAME` (the `source` argument) wins; then a record's own
 "source"; then the folder path (absolute) for everything found in a folder, the
 file path (absolute) for a file given by name, and "stdin" for `-`.
@@ -23,9 +28,11 @@ file path (absolute) for a file given by name, and "stdin" for `-`.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Union
 
 from .config import IngestConfig
-from .decode import decode, read_file, read_stream, stat_regular_file
+from .decode import decode, file_kind, open_regular_file, read_file_stat, read_stream
 from .errors import BadJson, BadJsonlLine, IngestError, PathNotFound, TooLarge, Unreadable, UnsupportedFile
 from .records import parse_record
 from .report import Rejected, Skipped
@@ -185,36 +192,54 @@ def _read_folder(root: Path, config: IngestConfig, naming: _Naming) -> Iterator[
                 yield Skipped(name, "hidden")
                 continue
             try:
-                is_dir = entry.is_dir()  # follows symlinks
-                is_file = not is_dir and entry.is_file()
+                est = entry.stat()  # follows symlinks; nothing is opened
             except OSError as e:
-                yield Rejected.from_error(Unreadable(name, f"cannot read: {e.strerror or e}"))
+                yield _unstattable(entry, name, e)
                 continue
-            if is_dir:
-                try:
-                    est = entry.stat()
-                except OSError as e:
-                    yield Rejected.from_error(Unreadable(name, f"cannot read folder: {e.strerror or e}"))
-                    continue
+            if stat.S_ISDIR(est.st_mode):
                 key = (est.st_dev, est.st_ino)
                 if key in seen:
                     yield Skipped(name, "folder already visited (a symbolic link loop or repeat)")
                     continue
                 seen.add(key)
                 subfolders.append(path)
-            elif is_file:
+            elif stat.S_ISREG(est.st_mode):
                 ext = path.suffix.lower()
                 if ext not in config.extensions:
                     shown = display_path(ext) or "(none)"
                     yield Skipped(name, f"extension {shown} is not in ingest.extensions")
                     continue
                 yield from _read_path(path, name, config, naming)
-            elif entry.is_symlink():
-                yield Skipped(name, "broken symbolic link")
             else:
-                yield Skipped(name, "not a regular file")
+                # A device, FIFO or socket (or a link to one): named for what it is, never opened.
+                what = file_kind(est.st_mode)
+                if entry.is_symlink():
+                    what += f"; a symbolic link to {_link_target(path)}"
+                yield Skipped(name, f"not a regular file ({what})")
         # Visit subfolders in name order after this folder's own files.
         stack.extend(reversed(subfolders))
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return display_path(os.readlink(path))
+    except OSError:
+        return "(unreadable)"
+
+
+def _unstattable(entry: os.DirEntry[str], name: str, error: OSError) -> Item:
+    """The entry for a folder entry whose stat (following symlinks) failed."""
+    try:
+        is_link = entry.is_symlink()
+    except OSError:
+        is_link = False
+    if is_link and isinstance(error, FileNotFoundError):
+        return Skipped(name, "broken symbolic link")
+    if is_link and error.errno == errno.ELOOP:
+        return Skipped(name, "broken symbolic link (a loop of symbolic links)")
+    if isinstance(error, FileNotFoundError):
+        return Skipped(name, "removed while the folder was read")
+    return Rejected.from_error(Unreadable(name, f"cannot read: {error.strerror or error}"))
 
 
 def _read_path(path: Path, name: str, config: IngestConfig, naming: _Naming) -> Iterator[Item]:
@@ -223,20 +248,16 @@ def _read_path(path: Path, name: str, config: IngestConfig, naming: _Naming) -> 
     origin = display_path(os.path.abspath(path))
     if ext == ".jsonl":
         try:
-            stat_regular_file(path, name)
-            f = path.open("rb")
+            f, _ = open_regular_file(path, name)
         except IngestError as e:
             yield Rejected.from_error(e)
-            return
-        except OSError as e:
-            yield Rejected.from_error(Unreadable(name, f"cannot read: {e.strerror or e}"))
             return
         with f:
             yield from _jsonl_lines(f, name, origin, config, naming)
         return
     try:
-        st = stat_regular_file(path, name)
-        text = decode(read_file(path, name, config.max_document_bytes), name)
+        data, st = read_file_stat(path, name, config.max_document_bytes)
+        text = decode(data, name)
     except IngestError as e:
         yield Rejected.from_error(e)
         return

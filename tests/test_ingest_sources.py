@@ -198,7 +198,7 @@ def test_named_pipe_is_not_read(tmp_path: Path, store: Store, config: IngestConf
     assert reasons(report)[str(fifo)] == "not a regular file (a named pipe)"
     report = ingest_paths(store, [tmp_path], config)
     assert report.ok
-    assert [s.reason for s in report.skipped] == ["not a regular file"]
+    assert [s.reason for s in report.skipped] == ["not a regular file (a named pipe)"]
 
 
 def test_hidden_entries_are_skipped(tmp_path: Path, store: Store, config: IngestConfig) -> None:
@@ -478,14 +478,14 @@ def test_unreadable_file(tmp_path: Path, store: Store, config: IngestConfig,
     locked = tmp_path / "locked.txt"
     locked.write_text("secret", encoding="utf-8")
     (tmp_path / "open.txt").write_text("readable", encoding="utf-8")
-    real_open = Path.open
+    real_open = os.open
 
-    def refuse(self: Path, *args: Any, **kwargs: Any) -> Any:
-        if self.name == "locked.txt":
+    def refuse(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).name == "locked.txt":
             raise PermissionError(13, "Permission denied")
-        return real_open(self, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", refuse)  # chmod 0 does not stop root
+    monkeypatch.setattr(os, "open", refuse)  # chmod 0 does not stop root; files are opened with os.open
     report = ingest_paths(store, [tmp_path], config)
     assert reasons(report) == {str(locked): "cannot read: Permission denied"}
     assert kinds(report) == {str(locked): "Unreadable"}

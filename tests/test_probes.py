@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -288,6 +289,88 @@ def test_termux_garbage_exit_and_missing(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     r = TermuxBatteryProbe().read()
     assert r.on_power is None and "not found" in (r.error or "")
+
+
+class _Clock:
+    """A settable monotonic clock for rate-limited logging."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _probe_records(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == probes_power.log.name]
+
+
+def test_termux_hang_logs_once_not_on_every_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13: a hanging termux-battery-status wrote a warning on every read (~70 lines a minute)."""
+    fake_termux(tmp_path / "bin", "sleep 100")
+    on_path(monkeypatch, tmp_path / "bin")
+    probe = TermuxBatteryProbe(timeout_s=0.2)
+    caplog.set_level(logging.DEBUG, logger=probes_power.log.name)
+    for _ in range(4):
+        assert "timed out after 0.2 s" in (probe.read().error or "")
+    records = _probe_records(caplog)
+    assert [level for level, _ in records] == ["WARNING"], records
+    assert "termux-battery-status failed: timed out after 0.2 s (is the Termux:API app installed?)" in records[0][1]
+    assert "at most once every 10 min" in records[0][1]
+
+
+def test_termux_failures_rate_limited_then_recovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    fake_termux(tmp_path / "bin", "sleep 100")
+    on_path(monkeypatch, tmp_path / "bin")
+    clock = _Clock()
+    probe = TermuxBatteryProbe(timeout_s=0.2, clock=clock)
+    caplog.set_level(logging.DEBUG, logger=probes_power.log.name)
+
+    def reads(*at: float) -> None:
+        for t in at:
+            clock.now = 1000.0 + t
+            probe.read()
+
+    reads(0, 30, 60, 300, 599)  # the first is logged, the next four only counted
+    assert [level for level, _ in _probe_records(caplog)] == ["WARNING"]
+    reads(600)  # 10 min after the last line: one more, with the count of those not logged
+    records = _probe_records(caplog)
+    assert [level for level, _ in records] == ["WARNING", "WARNING"]
+    assert "still failing: timed out after 0.2 s" in records[1][1]
+    assert "4 failures not logged in the last 10 min; 6 since 10 min ago" in records[1][1]
+    # The command fails another way (exits 1): still the same run of failures, not logged yet.
+    fake_termux(tmp_path / "bin", "echo 'no permission' >&2; exit 1")
+    reads(700, 800)
+    assert len(_probe_records(caplog)) == 2
+    # It works again: one INFO line, then nothing while it keeps working.
+    termux_printing(tmp_path / "bin", json.dumps(TERMUX_SHAPES["ac_charging"]))
+    reads(900, 930, 960)
+    records = _probe_records(caplog)
+    assert [level for level, _ in records] == ["WARNING", "WARNING", "INFO"]
+    assert records[2][1] == "termux-battery-status works again, after 8 failures over 15 min"
+    # A new failure after recovering is logged at once.
+    fake_termux(tmp_path / "bin", "echo 'no permission' >&2; exit 1")
+    reads(1000)
+    records = _probe_records(caplog)
+    assert [level for level, _ in records] == ["WARNING", "WARNING", "INFO", "WARNING"]
+    assert "failed: exited with status 1: no permission" in records[3][1]
+
+
+def test_a_probe_raising_on_every_read_logs_once(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    def boom() -> None:
+        raise RuntimeError("sensor gone")
+
+    monkeypatch.setattr(psutil, "sensors_battery", boom, raising=False)
+    probe = PsutilPowerProbe()
+    caplog.set_level(logging.DEBUG, logger=probes_power.log.name)
+    for _ in range(50):
+        assert "sensor gone" in (probe.read().error or "")
+    records = _probe_records(caplog)
+    assert len(records) == 1 and records[0][0] == "WARNING"
+    assert "psutil power probe failed: RuntimeError: sensor gone" in records[0][1]
 
 
 def test_termux_bad_field_types_are_ignored() -> None:
