@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/crash_kill.py [--kills 100] [--model tiny|default|both] [--default-kills 3]
                                          [--ingest-kills 12] [--daemon-ingest-kills 6] [--daemon-train-kills 6]
-                                         [--notes 3000] [--seed 0] [--keep]
+                                         [--notes 3000] [--seed 0] [--keep] [--smoke]
 
 Everything runs in a private temporary home; nothing of the user's is touched (the
 default model's converted copy is read from, and cached in, the user's cache dir).
@@ -18,7 +18,9 @@ default model's converted copy is read from, and cached in, the user's cache dir
 2. `pocketd ingest FOLDER` on a generated folder of `--notes` notes (.md, .txt, .jsonl,
    some duplicated, some long enough for several examples), killed mid-ingest, re-run
    until it completes.
-3. `pocketd run` (fake charger plugged, the folder as its inbox, the tiny model) killed
+3. `pocketd forget --source` and `pocketd checkpoint import` killed at random moments
+   (bench/crash_forget_import.py: all or nothing, no step naming a forgotten document).
+4. `pocketd run` (fake charger plugged, the folder as its inbox, the tiny model) killed
    mid-ingest of the inbox, then mid-training (alternately the daemon alone, leaving its
    trainer orphaned, and the daemon with its trainer); restarted each time.
 
@@ -35,6 +37,8 @@ text is stored twice. After the last kill every checkpoint is verified through t
 once) and the daemon is asked for `status` and trains again.
 
 A kill is "survived" when all of that holds and the restarted process carries on.
+
+--smoke: one kill of each kind, 150 notes in the folder, 30 in the trainer's store.
 """
 
 from __future__ import annotations
@@ -53,49 +57,22 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-for _name in [n for n in os.environ if n.startswith("POCKETD_")]:
-    del os.environ[_name]
+import benchlib
+from benchlib import DB_NAME, ROOT, note_text, pid_alive, private_env, sigkill, tail
+from pocketd.daemon.client import request
+from pocketd.ingest.config import IngestConfig
+from pocketd.ingest.normalize import normalize
+from pocketd.ingest.split import split_examples
+from pocketd.store import content_hash
 
-from pocketd.daemon.client import ClientError, DaemonNotRunning, request  # noqa: E402
-from pocketd.ingest.config import IngestConfig  # noqa: E402
-from pocketd.ingest.normalize import normalize  # noqa: E402
-from pocketd.ingest.split import split_examples  # noqa: E402
-from pocketd.store import content_hash  # noqa: E402
-
-DB_NAME = "pocketd.sqlite3"
-WORDS = (
-    "garden tomato bed soil seed water frost bike chain tyre climb river bread dough crust oven flour "
-    "yeast book chapter lighthouse fog signal kimchi jar brine apple aphid net strawberry bird recipe "
-    "notebook morning evening rain wind sun shade cloth bean lettuce pepper onion garlic compost worm "
-    "shed ladder paint brush fence gate path stone moss fern pond frog heron kettle tea coffee cup "
-    "train station ticket platform map walk hill valley forest pine birch oak maple leaf bark root"
-).split()
+benchlib.offline_defaults()
 
 
 # -- generated notes ------------------------------------------------------------------------------
-
-
-def sentence(rng: random.Random) -> str:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(5, 16))]
-    return " ".join(words).capitalize() + rng.choice([".", ".", ".", "!", "?"])
-
-
-def note_text(rng: random.Random, i: int, long: bool) -> str:
-    n_par = rng.randint(4, 9) if long else rng.randint(1, 3)
-    pars = []
-    for p in range(n_par):
-        n_sent = rng.randint(8, 16) if long else rng.randint(1, 4)
-        pars.append(" ".join(sentence(rng) for _ in range(n_sent)))
-    return f"Note {i} ({rng.getrandbits(32):08x}).\n\n" + "\n\n".join(pars)
 
 
 @dataclass
@@ -295,44 +272,6 @@ def document_invariants(s: Snapshot, corpus: Corpus) -> list[str]:
     return out[:10]
 
 
-# -- processes ----------------------------------------------------------------------------------------------
-
-
-def private_env(home: Path, config: Path | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETD_") and k != "NOTIFY_SOCKET"}
-    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local/share"),
-               XDG_STATE_HOME=str(home / ".local/state"), XDG_CACHE_HOME=str(home / ".cache"),
-               XDG_RUNTIME_DIR=str(home / "run"), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
-    if config is not None:
-        env["POCKETD_CONFIG"] = str(config)
-    return env
-
-
-def sigkill(proc: subprocess.Popen[Any]) -> bool:
-    """SIGKILL `proc`; True if it was still running (a real kill, not a process that had just exited)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return proc.returncode == -signal.SIGKILL
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return False
-
-
-def tail(path: Path, n: int = 1500) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
 # -- results ----------------------------------------------------------------------------------------------
 
 
@@ -358,11 +297,13 @@ class Tally:
 
 
 class Verifier:
-    """Replays checkpoints in this process (torch loaded once) and compares every stored hash."""
+    """`pocketd checkpoint verify ID` (in this process through click: torch is loaded once), which replays a
+    checkpoint (or loads its tensors) and compares every stored hash; remembers what it verified."""
 
-    def __init__(self, trainer_cfg: Any, cache_dir: Path) -> None:
-        self.cfg = trainer_cfg
+    def __init__(self, model: str, batch_size: int, seq_len: int, cache_dir: Path, work: Path) -> None:
+        self.trainer = f'model = "{model}"\nbatch_size = {batch_size}\nseq_len = {seq_len}\n'
         self.cache_dir = cache_dir
+        self.work = work
         self.seen: dict[int, tuple[int, int]] = {}  # checkpoint -> (n_steps, hashes) when last verified
         self.verified = 0
 
@@ -374,21 +315,30 @@ class Verifier:
                 out.append(cid)
         return out
 
+    def config(self, db: Path) -> Path:
+        """A config file whose store is `db` (data_dir/pocketd.sqlite3)."""
+        assert db.name == DB_NAME, db
+        path = self.work / "verify-config.toml"
+        path.write_text(f'[trainer]\n{self.trainer}[paths]\ndata_dir = "{db.parent}"\ncache_dir = "{self.cache_dir}"\n',
+                        encoding="utf-8")
+        return path
+
     def verify(self, db: Path, s: Snapshot, ids: list[int] | None = None) -> list[str]:
-        from pocketd.store import Store
-        from pocketd.trainer.replay import load_checkpoint
+        from click.testing import CliRunner
+
+        from pocketd.daemon.cli import cli
 
         problems = []
-        ids = self.changed(s) if ids is None else ids
-        with Store.open(db) as store:
-            for cid in ids:
-                try:
-                    load_checkpoint(store, self.cfg, self.cache_dir, cid, verify=True)
-                    self.verified += 1
-                    n, _, _ = s.checkpoints[cid]
-                    self.seen[cid] = (n, sum(1 for (c, _) in s.hashes if c == cid))
-                except Exception as e:  # noqa: BLE001 - every failure is a finding
-                    problems.append(f"checkpoint {cid} does not verify: {type(e).__name__}: {e}")
+        config = self.config(db)
+        for cid in self.changed(s) if ids is None else ids:
+            r = CliRunner().invoke(cli, ["--config", str(config), "checkpoint", "verify", str(cid)])
+            if r.exit_code != 0 or "every stored hash matches" not in r.output:
+                detail = r.output.strip()[-300:] or repr(r.exception)
+                problems.append(f"pocketd checkpoint verify {cid}: exit {r.exit_code}: {detail}")
+                continue
+            self.verified += 1
+            n, _, _ = s.checkpoints[cid]
+            self.seen[cid] = (n, sum(1 for (c, _) in s.hashes if c == cid))
         return problems
 
 
@@ -445,7 +395,7 @@ def trainer_kills(setup: TrainerSetup, kills: int, tmp: Path, rng: random.Random
     tcfg = TrainerConfig(model=setup.model, batch_size=setup.batch_size, micro_batch_size=setup.batch_size,
                          seq_len=setup.seq_len, hash_every=setup.hash_every, eval_examples=setup.eval_examples,
                          lr=1e-3, eps=1e-2, threads=setup.threads)
-    verifier = Verifier(tcfg, setup.cache_dir)
+    verifier = Verifier(setup.model, setup.batch_size, setup.seq_len, setup.cache_dir, work)
     env = private_env(work / "home")
     (work / "home").mkdir()
     status_path = work / "status.json"
@@ -543,8 +493,9 @@ def trainer_kills(setup: TrainerSetup, kills: int, tmp: Path, rng: random.Random
     if code != 0 or final.total_steps != base.total_steps + 3:
         tally.problems.append(f"the session after the last kill: exit {code}, "
                               f"{final.total_steps - base.total_steps} new steps: {tail(stderr_path)}")
-    # every checkpoint through the real `pocketd checkpoint verify`
-    tally.problems += cli_verify_all(db, work, setup)
+    # every checkpoint once more at the end
+    checked = verifier.verified
+    tally.problems += verifier.verify(db, final, ids=list(final.checkpoints))
     tally.problems += integrity(db) + log_invariants(final, setup.batch_size)
     resumed = sessions + 1 - len(final.checkpoints)
     statuses = Counter(st for (_, st, _) in final.checkpoints.values())
@@ -552,31 +503,10 @@ def trainer_kills(setup: TrainerSetup, kills: int, tmp: Path, rng: random.Random
                        f"kill), then 1 run to its end; {final.total_steps} steps "
                        f"logged in {len(final.checkpoints)} checkpoints ({', '.join(f'{v} {k}' for k, v in sorted(statuses.items()))}); "
                        f"{resumed} sessions resumed a killed session's candidate; "
-                       f"{verifier.verified} checkpoint replays verified after kills + {len(final.checkpoints)} "
-                       "by `pocketd checkpoint verify` at the end")
+                       f"{checked} checkpoint replays verified (`pocketd checkpoint verify`) after kills + "
+                       f"{len(final.checkpoints)} at the end")
     tally.seconds = time.monotonic() - t_start
     return tally
-
-
-def cli_verify_all(db: Path, work: Path, setup: TrainerSetup) -> list[str]:
-    """`pocketd checkpoint verify ID` for every checkpoint (in-process through click: torch is loaded already)."""
-    from click.testing import CliRunner
-
-    from pocketd.daemon.cli import cli
-    from pocketd.store import Store
-
-    cfg = work / "config.toml"
-    cfg.write_text(
-        f'[trainer]\nmodel = "{setup.model}"\nbatch_size = {setup.batch_size}\nseq_len = {setup.seq_len}\n'
-        f'[paths]\ndata_dir = "{db.parent}"\ncache_dir = "{setup.cache_dir}"\n', encoding="utf-8")
-    with Store.open(db) as store:
-        ids = [c.id for c in store.log.list()]
-    problems = []
-    for cid in ids:
-        r = CliRunner().invoke(cli, ["--config", str(cfg), "checkpoint", "verify", str(cid)])
-        if r.exit_code != 0 or "every stored hash matches" not in r.output:
-            problems.append(f"pocketd checkpoint verify {cid}: exit {r.exit_code}: {r.output.strip()[-300:]}")
-    return problems
 
 
 # -- 2. `pocketd ingest` ----------------------------------------------------------------------------------------
@@ -596,7 +526,7 @@ def ingest_kills(corpus: Corpus, kills: int, tmp: Path, rng: random.Random) -> T
         data = work / f"data-{r}"
         cfg = work / f"config-{r}.toml"
         cfg.write_text(f'[paths]\ndata_dir = "{data}"\n', encoding="utf-8")
-        env = private_env(home, cfg)
+        env = private_env(home, config=cfg)
         db = data / DB_NAME
         base = snapshot(db, with_texts=True)
         done = 0
@@ -672,10 +602,11 @@ def _count(db: Path, table: str) -> int:
 # -- 3. `pocketd run` ---------------------------------------------------------------------------------------------
 
 
-class DaemonRig:
+class DaemonRig(benchlib.Daemon):
     """A private `pocketd run`: fake charger plugged, the corpus folder as its inbox, the tiny model."""
 
-    def __init__(self, work: Path, corpus: Corpus, model_dir: Path, batch_size: int) -> None:
+    def __init__(self, work: Path, corpus: Corpus, model_dir: Path, batch_size: int,
+                 max_session_minutes: float = 0.1) -> None:
         self.work = work
         self.home = work / "home"
         self.home.mkdir(parents=True)
@@ -683,73 +614,27 @@ class DaemonRig:
         self.db = work / "data" / DB_NAME
         self.runtime = work / "run"
         power = work / "power.json"
-        power.write_text(json.dumps({"on_power": True, "percent": 90}))
+        benchlib.set_power(power, True)
         self.config = work / "config.toml"
         self.config.write_text(
             f'[daemon]\ninbox = "{corpus.folder}"\ninbox_poll_s = 1\npower_probe = "fake"\n'
             f'fake_power_file = "{power}"\nstop_grace_s = 30\nnice = 0\n'
             f'[policy]\nmax_load = 1000\nmin_available_mb = 0\ncheck_interval_s = 1\ncooldown_minutes = 0\n'
-            f'min_battery_percent = 0\nmin_new_examples = 0\nmax_session_minutes = 0.1\n'
+            f'min_battery_percent = 0\nmin_new_examples = 0\nmax_session_minutes = {max_session_minutes}\n'
             f'[trainer]\nmodel = "{model_dir}"\nbatch_size = {batch_size}\nmicro_batch_size = {batch_size}\n'
             f'seq_len = 64\nhash_every = 2\neval_examples = 8\nthreads = 1\nlr = 1e-3\n'
             f'[paths]\ndata_dir = "{self.db.parent}"\ncache_dir = "{work / "cache"}"\n'
             f'state_dir = "{work / "state"}"\nruntime_dir = "{self.runtime}"\n', encoding="utf-8")
-        self.env = private_env(self.home, self.config)
-        self.sock = self.runtime / "pocketd.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = open(self.work / "daemon.log", "ab")  # noqa: SIM115 - kept open by the child
-        log.write(f"\n=== start {self.starts} ===\n".encode())
-        log.flush()
-        self.proc = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=ROOT, env=self.env,
-                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        log.close()
-
-    def status(self, timeout_s: float = 5.0) -> dict[str, Any] | None:
-        try:
-            return request(self.sock, "status", timeout_s=timeout_s)
-        except (DaemonNotRunning, ClientError, OSError):
-            return None
-
-    def wait(self, pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited {self.proc.returncode} while waiting for {what}: "
-                                   f"{tail(self.work / 'daemon.log')}")
-            value = pred()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}: {tail(self.work / 'daemon.log')}")
-
-    def ready(self) -> dict[str, Any]:
-        return self.wait(lambda: self.status(), 120, "the daemon to answer status")
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            sigkill(self.proc)
-            return None
+        super().__init__(private_env(self.home, config=self.config), work / "daemon.log",
+                         sock=self.runtime / "pocketd.sock")
 
 
 def daemon_kills(corpus: Corpus, ingest_n: int, train_n: int, tmp: Path, rng: random.Random, model_dir: Path,
-                 ingest_tally: Tally, train_tally: Tally) -> None:
-    from pocketd.trainer.config import TrainerConfig
-
+                 ingest_tally: Tally, train_tally: Tally, max_session_minutes: float = 0.1) -> None:
     t_start = time.monotonic()
     batch = 4
-    rig = DaemonRig(tmp / "daemon", corpus, model_dir, batch)
-    verifier = Verifier(TrainerConfig(model=str(model_dir), batch_size=batch, micro_batch_size=batch, seq_len=64),
-                        rig.work / "cache")
+    rig = DaemonRig(tmp / "daemon", corpus, model_dir, batch, max_session_minutes)
+    verifier = Verifier(str(model_dir), batch, 64, rig.work / "cache", rig.work)
     base = snapshot(rig.db, with_texts=True)
     orphans: list[int] = []
     try:
@@ -798,7 +683,7 @@ def daemon_kills(corpus: Corpus, ingest_n: int, train_n: int, tmp: Path, rng: ra
         last_session = 0
         for k in range(train_n):
             step = rng.randint(1, 30)
-            st = rig.wait(lambda: _training_past(rig, last_session, step), 600,
+            st = rig.wait(lambda: benchlib.training_past(rig.status(), last_session, step), 600,
                           f"a new session to reach step {step}")
             trainer_pid = st["training"]["pid"]
             session_id = st["training"]["session_id"]
@@ -819,7 +704,7 @@ def daemon_kills(corpus: Corpus, ingest_n: int, train_n: int, tmp: Path, rng: ra
             rig.start()
             try:
                 rig.ready()
-                st = rig.wait(lambda: _training_past(rig, session_id, 1), 600, "training to resume")
+                st = rig.wait(lambda: benchlib.training_past(rig.status(), session_id, 1), 600, "training to resume")
                 last_session = st["training"]["session_id"]
                 if pid_alive(trainer_pid):
                     problems.append(f"the previous trainer (pid {trainer_pid}) is still running after the restart")
@@ -854,14 +739,6 @@ def daemon_kills(corpus: Corpus, ingest_n: int, train_n: int, tmp: Path, rng: ra
         for pid in orphans + _trainer_pids(rig):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-
-
-def _training_past(rig: DaemonRig, after_session: int, step: int) -> dict[str, Any] | None:
-    st = rig.status()
-    tr = (st or {}).get("training") or {}
-    if tr.get("session_id", 0) > after_session and (tr.get("step") or 0) >= step:
-        return st
-    return None
 
 
 def _trainer_pids(rig: DaemonRig) -> list[int]:
@@ -916,19 +793,24 @@ def main() -> int:
     parser.add_argument("--ingest-kills", type=int, default=12, help="kills of `pocketd ingest FOLDER`")
     parser.add_argument("--daemon-ingest-kills", type=int, default=6, help="kills of `pocketd run` mid-inbox")
     parser.add_argument("--daemon-train-kills", type=int, default=6, help="kills of `pocketd run` mid-training")
+    parser.add_argument("--forget-import-kills", type=int, default=6,
+                        help="kills of `pocketd forget` and of `pocketd checkpoint import` (each)")
     parser.add_argument("--notes", type=int, default=3000, help="notes in the generated folder")
     parser.add_argument("--trainer-notes", type=int, default=400, help="notes in the trainer's store")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    benchlib.smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.kills, args.ingest_kills, args.daemon_ingest_kills, args.daemon_train_kills = "tiny", 1, 1, 1, 1
+        args.forget_import_kills = 1
+        args.notes, args.trainer_notes = 150, 30
     rng = random.Random(args.seed)
     t_all = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="pocketd-crash-"))
     tallies: list[Tally] = []
     try:
-        from pocketd.trainer.tiny import make_tiny_model_dir
-
-        model_dir = make_tiny_model_dir(tmp / "tiny-model", seed=0)
+        model_dir = benchlib.tiny_model(tmp / "tiny-model")
         if args.model in ("tiny", "both") and args.kills > 0:
             setup = TrainerSetup("tiny", str(model_dir), tmp / "cache", batch_size=4, seq_len=64, hash_every=2,
                                  steps=(4, 60), threads=1)
@@ -941,6 +823,17 @@ def main() -> int:
                                  batch_size=2, seq_len=64, hash_every=1, steps=(3, 8), threads=None)
             print(f"trainer (default model): {args.default_kills} kills ...", flush=True)
             tallies.append(trainer_kills(setup, args.default_kills, tmp, rng, min(args.trainer_notes, 120)))
+        if args.forget_import_kills > 0:
+            from crash_forget_import import forget_import_kills
+
+            print(f"pocketd forget / checkpoint import: {args.forget_import_kills} kills each ...", flush=True)
+            t_fg, t_im = Tally("pocketd forget"), Tally("pocketd checkpoint import")
+            tallies += [t_fg, t_im]
+            try:
+                forget_import_kills(args.forget_import_kills, tmp, rng, model_dir, min(args.trainer_notes, 60),
+                                    t_fg, t_im)
+            except RuntimeError as e:
+                t_fg.problems.append(f"gave up: {e}")
         if args.ingest_kills <= 0 and args.daemon_ingest_kills <= 0 and args.daemon_train_kills <= 0:
             return 0 if not any(t.problems or t.rows_lost or t.survived != t.tried for t in tallies) else 1
         corpus = make_corpus(tmp / "notes", args.notes, rng, IngestConfig())
@@ -954,8 +847,9 @@ def main() -> int:
             t_ing, t_tr = Tally("pocketd run, mid-ingest (inbox)"), Tally("pocketd run, mid-training")
             tallies += [t_ing, t_tr]
             try:
+                # smoke: sessions long enough for a trainer start on a busy machine (~10 s) plus steps
                 daemon_kills(corpus, args.daemon_ingest_kills, args.daemon_train_kills, tmp, rng, model_dir,
-                             t_ing, t_tr)
+                             t_ing, t_tr, 0.5 if args.smoke else 0.1)
             except RuntimeError as e:  # a timeout: the daemon did not carry on
                 t_tr.problems.append(f"gave up: {e}")
     finally:

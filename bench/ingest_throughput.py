@@ -1,10 +1,11 @@
 """Ingest throughput: a JSONL export into a fresh temporary store, then the same again (all duplicates).
 
-    .venv/bin/python bench/ingest_throughput.py [PATH.jsonl] [--runs N]
+    .venv/bin/python bench/ingest_throughput.py [PATH.jsonl] [--runs N] [--smoke]
 
 Prints documents/s and MB/s (input bytes, 10^6) for the first ingest (decode, normalize,
 split, one transaction per document into a WAL database on disk) and for the
 re-ingest (everything a duplicate: decode, normalize, hash, look up). Best of N runs.
+--smoke: 200 generated notes instead of PATH, one run.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "til-notes-2020-2023.jsonl"
-sys.path.insert(0, str(REPO))
+import benchlib
+from pocketd.ingest.config import IngestConfig
+from pocketd.ingest.pipeline import ingest_paths
+from pocketd.store import Store
 
-from pocketd.ingest.config import IngestConfig  # noqa: E402
-from pocketd.ingest.pipeline import ingest_paths  # noqa: E402
-from pocketd.store import Store  # noqa: E402
+DEFAULT_DATA = benchlib.TIL_NOTES
 
 
 def _line(label: str, n_docs: int, n_bytes: int, seconds: float) -> str:
@@ -46,14 +46,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", nargs="?", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--runs", type=int, default=3, help="repeat and keep the best (default 3)")
+    benchlib.smoke_flag(parser)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="pocketd-bench-") as tmp:
+        if args.smoke:
+            args.path, args.runs = benchlib.write_notes_jsonl(Path(tmp) / "notes.jsonl", 200), 1
+        report(args.path, args.runs)
+
+
+def report(path: Path, runs: int) -> None:
     config = IngestConfig()
-    size = args.path.stat().st_size
-    results = [run_once(args.path, config) for _ in range(max(1, args.runs))]
+    size = path.stat().st_size
+    results = [run_once(path, config) for _ in range(max(1, runs))]
     first_s = min(r[0] for r in results)
     again_s = min(r[1] for r in results)
     _, _, added, duplicates, rejected = results[0]
-    print(f"input      {args.path} ({size:,} bytes)")
+    print(f"input      {path} ({size:,} bytes)")
     print(f"config     example_max_chars={config.example_max_chars} max_document_bytes={config.max_document_bytes:,}")
     print(_line("ingest", added, size, first_s) + (f"  ({rejected} rejected)" if rejected else ""))
     print(_line("re-ingest", duplicates, size, again_s) + "  (all duplicates)")

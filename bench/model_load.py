@@ -4,6 +4,8 @@ Each measurement runs in a fresh process (`python bench/model_load.py --one ...`
 so the figures include imports and nothing is shared between them.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/model_load.py [--model default] [--repeat 3] [--json out.json]
+
+--smoke: the tiny test model, one cached load after the first.
 """
 
 from __future__ import annotations
@@ -11,22 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+import benchlib
+from benchlib import ROOT, rss_mb
 
 
 def one(model: str, cache_dir: Path, dtype: str) -> dict[str, object]:
@@ -41,7 +35,7 @@ def one(model: str, cache_dir: Path, dtype: str) -> dict[str, object]:
     t_import = time.monotonic() - t0
     base = load_base(model, cache_dir, dtype)
     wall = time.monotonic() - t0
-    rss_loaded = _rss_mb()
+    rss_loaded = rss_mb()
     with torch.inference_mode():  # touch every weight: mmap'd pages count only once read
         base.model(torch.ones(1, 16, dtype=torch.long))
     return {
@@ -50,17 +44,17 @@ def one(model: str, cache_dir: Path, dtype: str) -> dict[str, object]:
         "load_s": round(base.load_seconds, 2),
         "wall_s": round(wall, 2),
         "rss_loaded_mb": round(rss_loaded, 1),
-        "rss_forward_mb": round(_rss_mb(), 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_forward_mb": round(rss_mb(), 1),
+        "peak_rss_mb": round(benchlib.ru_maxrss_mib(), 1),
         "fingerprint": base.fingerprint,
     }
 
 
 def run_child(model: str, cache_dir: Path, dtype: str) -> dict[str, object]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     out = subprocess.run(
         [sys.executable, __file__, "--one", "--model", model, "--cache-dir", str(cache_dir), "--dtype", dtype],
-        env=env, capture_output=True, text=True,
+        cwd=ROOT, env=env, capture_output=True, text=True,
     )
     if out.returncode != 0:
         sys.exit(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -75,6 +69,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=None, help="(default: a fresh temporary dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    benchlib.smoke_flag(ap)
     args = ap.parse_args()
 
     if args.one:
@@ -83,6 +78,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="pocketd-bench-") as tmp:
         cache_dir = args.cache_dir or Path(tmp)
+        if args.smoke:
+            args.repeat = 1
+            args.model = str(benchlib.tiny_model(Path(tmp) / "tiny-model", in_process=False))
         rows = [("first", run_child(args.model, cache_dir, args.dtype))]
         rows += [(f"cached {i + 1}", run_child(args.model, cache_dir, args.dtype)) for i in range(args.repeat)]
 

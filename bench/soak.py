@@ -1,6 +1,6 @@
 """Soak: a real `pocketd run` for an hour, the fake charger plugged and unplugged every few minutes.
 
-    python bench/soak.py [--minutes 60] [--flip-minutes 3] [--stop-within 30] [--keep]
+    python bench/soak.py [--minutes 60] [--flip-minutes 3] [--stop-within 30] [--keep] [--smoke]
 
 A private daemon in a temporary home (fake power probe, the shipped sample notes ingested
 with `pocketd demo`, an inbox folder) trains the real trainer on a tiny random model
@@ -17,18 +17,18 @@ last minute) and its maximum, and the ERROR / Traceback lines of the daemon's lo
 Exit status 1 if the RSS grew by more than --max-growth percent (default 10), if the log
 holds errors, or if a session started unplugged, outlived an unplug, or a plugged period got
 no session.
+
+--smoke: 22 s, one flip after 11 s (time for the stop to be recorded), RSS sampled every second,
+the policy checked every second.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,14 +37,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import psutil
 
-import psutil  # noqa: E402
+import benchlib
+from benchlib import MIB, set_power
+from pocketd.daemon.client import ClientError, request
 
-from pocketd.daemon.client import ClientError, request  # noqa: E402
-
-MIB = 2**20
 SAMPLE_S = 10.0
 ERROR_LINE = re.compile(r"\bERROR\b|Traceback|CRITICAL")
 NOTE_TOPICS = [
@@ -93,12 +91,6 @@ class Timeline:
         return out
 
 
-def set_power(path: Path, plugged: bool) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"on_power": plugged, "percent": 90}))
-    os.replace(tmp, path)
-
-
 def drop_notes(inbox: Path, n: int, counter: int) -> None:
     for i in range(n):
         topic = NOTE_TOPICS[(counter + i) % len(NOTE_TOPICS)]
@@ -109,33 +101,16 @@ def drop_notes(inbox: Path, n: int, counter: int) -> None:
         os.replace(tmp, inbox / f"note-{counter:03d}-{i}.md")
 
 
-def daemon_env(tmp: Path, home: Path, power: Path, inbox: Path, model_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETD_") and k != "NOTIFY_SOCKET"}
-    env.update(
-        HOME=str(home), XDG_RUNTIME_DIR=str(tmp / "run"), XDG_CONFIG_HOME=str(home / ".config"),
-        XDG_DATA_HOME=str(home / ".local/share"), XDG_STATE_HOME=str(home / ".local/state"),
-        XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-        POCKETD_DAEMON__POWER_PROBE="fake", POCKETD_DAEMON__FAKE_POWER_FILE=str(power),
-        POCKETD_DAEMON__INBOX=str(inbox), POCKETD_DAEMON__INBOX_POLL_S="10",
-        POCKETD_DAEMON__STOP_GRACE_S="30",
-        POCKETD_POLICY__MAX_LOAD="1000", POCKETD_POLICY__MIN_AVAILABLE_MB="0",
-        POCKETD_POLICY__MIN_BATTERY_PERCENT="0", POCKETD_POLICY__COOLDOWN_MINUTES="0",
-        POCKETD_POLICY__CHECK_INTERVAL_S="15",
-        # Batches big enough that a tiny-model step takes ~0.1 s, not ~5 ms: the checkpoint chain (and
-        # so the replay at each session start) then grows at a pace closer to a real model's.
-        POCKETD_TRAINER__MODEL=str(model_dir), POCKETD_TRAINER__BATCH_SIZE="16",
-        POCKETD_TRAINER__SEQ_LEN="256", POCKETD_TRAINER__THREADS="1", POCKETD_TRAINER__EVAL_EXAMPLES="8",
-    )
-    return env
-
-
-def make_tiny_model(path: Path) -> Path:
-    """The tiny test model (built in a child process: this script stays free of torch)."""
-    code = "import sys; from pathlib import Path; from trainer.tiny import make_tiny_model_dir; " \
-           "make_tiny_model_dir(Path(sys.argv[1]), seed=0)"
-    subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return path
+def daemon_env(tmp: Path, home: Path, power: Path, inbox: Path, model_dir: Path, check_s: int = 15,
+               inbox_poll_s: int = 10) -> dict[str, str]:
+    # Batches big enough that a tiny-model step takes ~0.1 s, not ~5 ms: the checkpoint chain (and
+    # so the replay at each session start) then grows at a pace closer to a real model's.
+    settings = benchlib.training_daemon_settings(
+        model_dir, POCKETD_DAEMON__INBOX=str(inbox), POCKETD_DAEMON__INBOX_POLL_S=str(inbox_poll_s),
+        POCKETD_DAEMON__STOP_GRACE_S="30", POCKETD_POLICY__CHECK_INTERVAL_S=str(check_s),
+        POCKETD_TRAINER__BATCH_SIZE="16", POCKETD_TRAINER__SEQ_LEN="256", POCKETD_TRAINER__EVAL_EXAMPLES="8")
+    del settings["POCKETD_TRAINER__MICRO_BATCH_SIZE"]
+    return benchlib.private_env(home, tmp / "run", **settings, **benchlib.fake_power_settings(power, True))
 
 
 def median(xs: list[float]) -> float:
@@ -150,24 +125,25 @@ def main() -> int:
     parser.add_argument("--stop-within", type=float, default=30.0, help="seconds from unplug to stopped")
     parser.add_argument("--max-growth", type=float, default=10.0, help="allowed daemon RSS growth, percent")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home (log, database)")
+    benchlib.smoke_flag(parser)
     args = parser.parse_args()
+    global SAMPLE_S
+    check_s, poll_s = 15, 10
+    if args.smoke:
+        args.minutes, args.flip_minutes, args.notes_per_flip = 22 / 60, 11 / 60, 1
+        SAMPLE_S, check_s, poll_s = 1.0, 1, 1
 
     tmp = Path(tempfile.mkdtemp(prefix="pocketd-soak-"))
-    home, inbox, power = tmp / "home", tmp / "inbox", tmp / "power.json"
-    home.mkdir()
+    home, inbox, power = benchlib.make_home(tmp), tmp / "inbox", tmp / "power.json"
     inbox.mkdir()
-    (tmp / "run").mkdir(mode=0o700)
     log_path = tmp / "daemon.log"
-    model_dir = make_tiny_model(tmp / "tiny-model")
-    env = daemon_env(tmp, home, power, inbox, model_dir)
-    subprocess.run([sys.executable, "-m", "pocketd.daemon", "demo"], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    sock = tmp / "run" / "pocketd" / "pocketd.sock"
+    model_dir = benchlib.tiny_model(tmp / "tiny-model", in_process=False)
+    env = daemon_env(tmp, home, power, inbox, model_dir, check_s, poll_s)
+    benchlib.run_cli(env, "demo")
     timeline = Timeline()
-    set_power(power, True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    pocketd_run = benchlib.Daemon(env, log_path).start()
+    proc, sock = pocketd_run.proc, pocketd_run.sock
+    assert proc is not None
     timeline.set(now(), True)
     daemon = psutil.Process(proc.pid)
     print(f"soak: {args.minutes:g} min, flip every {args.flip_minutes:g} min; daemon pid {proc.pid}; "
@@ -221,13 +197,7 @@ def main() -> int:
             hist = request(sock, "history", sessions=1000, events=0) if proc.poll() is None else None
         except ClientError:
             hist = None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        pocketd_run.stop(120)
     duration_s = time.monotonic() - t0
 
     # -- the figures ------------------------------------------------------------------------

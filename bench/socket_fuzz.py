@@ -1,6 +1,7 @@
 """Socket fuzzing and load against a real `pocketd run` that is training (issue 5, "Proof under faults").
 
     python bench/socket_fuzz.py [--requests 10000] [--clients 100] [--per-client 20] [--slow 5] [--seed 0]
+                                [--smoke]
 
 Starts a private daemon (`python -m pocketd.daemon run`) in a temporary home: the fake charger
 plugged, the sample notes ingested, the real trainer on a tiny random model
@@ -22,19 +23,18 @@ A reply is well-formed when every non-blank request line got exactly one reply (
 when the last is `too_large`, after which the daemon closes), each a JSON object on one
 line with `ok`, and failures carry an `error` whose code is a known ErrorCode. `internal`
 (a handler bug) is counted separately. Prints the figures; exit status 1 if any check fails.
+
+--smoke: 300 requests, 10 load clients x 3, one slow client, a 2 s request timeout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import select
-import signal
 import socket
 import string
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,13 +45,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from pocketd.daemon.client import Client, ClientError, DaemonNotRunning, request  # noqa: E402
-from pocketd.daemon.protocol import ARGS, Command, ErrorCode, unix_address  # noqa: E402
-from status_latency import percentiles  # noqa: E402
+import benchlib
+from benchlib import connect, exchange, percentiles
+from pocketd.daemon.client import Client, ClientError, request
+from pocketd.daemon.protocol import ARGS, Command, ErrorCode
 
 MAX_REQUEST = 1 << 20  # the daemon's default request_max_bytes, which this bench keeps
 CODES = {c.value for c in ErrorCode}
@@ -106,7 +103,7 @@ def judge(kind: str, data: bytes, raw: bytes) -> list[dict[str, Any]]:
             ok = isinstance(reply, dict) and isinstance(reply.get("ok"), bool)
             if ok and not reply["ok"]:
                 err = reply.get("error")
-                ok = (set(reply) == {"ok", "error"} and isinstance(err, dict) and err.get("code") in CODES
+                ok = (set(reply) - {"id"} == {"ok", "error"} and isinstance(err, dict) and err.get("code") in CODES
                       and isinstance(err.get("message"), str) and bool(err["message"]))
         except (UnicodeDecodeError, ValueError):
             ok, reply = False, None
@@ -133,46 +130,6 @@ def judge(kind: str, data: bytes, raw: bytes) -> list[dict[str, Any]]:
     if ErrorCode.INTERNAL.value in codes:
         TALLY.problem(f"{kind}: internal error for {data[:200]!r}: {replies[codes.index('internal')]}")
     return replies
-
-
-def connect(path: Path, timeout: float = 60.0) -> socket.socket:
-    """A raw connection; like daemon.client, wait for room while the listen backlog is full (EAGAIN)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.settimeout(timeout)
-        try:
-            with unix_address(path) as addr:
-                s.connect(addr)
-            return s
-        except BlockingIOError:
-            s.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-        except BaseException:
-            s.close()
-            raise
-
-
-def exchange(path: Path, data: bytes, timeout: float = 60.0) -> bytes:
-    """Send `data`, end our side, read until the daemon closes."""
-    with connect(path, timeout) as s:
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # answered early (too_large) and closed
-        out = bytearray()
-        while True:
-            try:
-                chunk = s.recv(1 << 16)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
 
 
 def send(kind: str, path: Path, data: bytes) -> list[dict[str, Any]]:
@@ -319,28 +276,32 @@ def structured(path: Path, n: int, seed: int) -> None:
     not_int = st.text(max_size=10) | st.none() | st.booleans() | st.lists(scalars, max_size=3) \
         | st.floats(allow_nan=False).filter(lambda x: abs(x) == float("inf") or x != int(x))
     not_num = st.text(max_size=10) | st.booleans() | st.lists(scalars, max_size=3)
+    not_list = scalars
     wrong = {
         "ingest": {"text": not_str, "source": not_str, "origin": not_str.filter(lambda v: v is not None)},
         "signal": {"away": not_bool, "expires_in_s": not_num},
         "history": {"sessions": not_int, "events": not_int},
+        "forget": {"documents": not_list, "sources": not_list},
+        "watch": {"heartbeat_s": not_num | st.none()},
     }
     assert set(wrong) == {c.value for c in ARGS}
-    valid = {"ingest": {"text": "a note"}, "signal": {"away": False}, "history": {}}
+    valid = {"ingest": {"text": "a note"}, "signal": {"away": False}, "history": {},
+             "forget": {"sources": ["no such source"]}, "watch": {}}
 
     @st.composite
     def random_object(draw: st.DrawFn) -> tuple[str, Any]:
         obj = draw(st.dictionaries(st.text(max_size=12), values, max_size=5))
         if draw(st.booleans()):
             obj["cmd"] = draw(st.sampled_from(HARMLESS) | st.text(max_size=20) | values)
-        if obj.get("cmd") in REAL and obj["cmd"] not in HARMLESS and len(obj) == 1:
-            obj["extra"] = 1  # never a valid pause/stop-training/signal/shutdown
+        if obj.get("cmd") in REAL and obj["cmd"] not in HARMLESS and set(obj) <= {"cmd", "id"}:
+            obj["extra"] = 1  # never a valid pause/stop-training/signal/shutdown/watch (`id` is no argument)
         return "random json object", obj
 
     @st.composite
     def wrong_types(draw: st.DrawFn) -> tuple[str, Any]:
         cmd = draw(st.sampled_from(REAL))
         if cmd not in wrong:
-            args = draw(st.dictionaries(st.text(max_size=10).filter(lambda k: k != "cmd"), values,
+            args = draw(st.dictionaries(st.text(max_size=10).filter(lambda k: k not in {"cmd", "id"}), values,
                                         min_size=1, max_size=3))
         else:
             names = draw(st.sets(st.sampled_from(sorted(wrong[cmd])), min_size=1))
@@ -459,47 +420,26 @@ def load(path: Path, clients: int, per_client: int) -> tuple[list[float], Counte
 # -- the daemon ------------------------------------------------------------------------------------------------------
 
 
-def start_daemon(tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    home = tmp / "home"
-    home.mkdir()
-    (tmp / "run").mkdir(mode=0o700)
-    power = tmp / "power.json"
-    power.write_text(json.dumps({"on_power": True, "percent": 90}))
-    model = tmp / "tiny-model"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETD_") and k != "NOTIFY_SOCKET"}
-    env.update(
-        HOME=str(home), XDG_RUNTIME_DIR=str(tmp / "run"), XDG_CONFIG_HOME=str(home / ".config"),
-        XDG_DATA_HOME=str(home / ".local/share"), XDG_STATE_HOME=str(home / ".local/state"),
-        XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-        POCKETD_DAEMON__POWER_PROBE="fake", POCKETD_DAEMON__FAKE_POWER_FILE=str(power),
-        POCKETD_POLICY__MAX_LOAD="1000", POCKETD_POLICY__MIN_AVAILABLE_MB="0", POCKETD_POLICY__MIN_BATTERY_PERCENT="0",
-        POCKETD_POLICY__MAX_SESSION_MINUTES="60", POCKETD_POLICY__COOLDOWN_MINUTES="0",
-        POCKETD_TRAINER__MODEL=str(model), POCKETD_TRAINER__THREADS="1", POCKETD_TRAINER__BATCH_SIZE="2",
-        POCKETD_TRAINER__MICRO_BATCH_SIZE="2", POCKETD_TRAINER__SEQ_LEN="64",
-    )
-    subprocess.run([sys.executable, "-c", "import sys; from trainer.tiny import make_tiny_model_dir; "
-                    "make_tiny_model_dir(sys.argv[1], seed=0)", str(model)], cwd=ROOT, env=env, check=True)
-    subprocess.run([sys.executable, "-m", "pocketd.daemon", "demo"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    log_path = tmp / "daemon.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    sock = tmp / "run" / "pocketd" / "pocketd.sock"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            st = request(sock, "status")
-            if st["state"] == "training" and (st["training"]["step"] or 0) >= 1:
-                return proc, sock, log_path
-            if st.get("last_session"):
-                raise SystemExit(f"the session ended early: {st['last_session']}")
-        except DaemonNotRunning:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"no training step within 300 s:\n{log_path.read_text()[-3000:]}")
+def start_daemon(tmp: Path, request_timeout_s: float | None = None) -> benchlib.Daemon:
+    """A private `pocketd run` on the tiny model, plugged, the sample notes ingested; returned once it trains."""
+    home = benchlib.make_home(tmp)
+    model = benchlib.tiny_model(tmp / "tiny-model", in_process=False)
+    settings = benchlib.training_daemon_settings(model, POCKETD_POLICY__MAX_SESSION_MINUTES="60")
+    if request_timeout_s is not None:
+        settings["POCKETD_DAEMON__REQUEST_TIMEOUT_S"] = str(request_timeout_s)
+    env = benchlib.private_env(home, tmp / "run", **settings,
+                               **benchlib.fake_power_settings(tmp / "power.json", True))
+    benchlib.run_cli(env, "demo")
+    daemon = benchlib.Daemon(env, tmp / "daemon.log").start()
+
+    def trained() -> dict[str, Any] | None:
+        st = daemon.status()
+        if st and st.get("last_session"):
+            raise SystemExit(f"the session ended early: {st['last_session']}")
+        return benchlib.training_past(st, 0, 1)
+
+    daemon.wait_or_exit(trained, 300, "a training step", interval=0.2)
+    return daemon
 
 
 def main() -> None:
@@ -511,12 +451,18 @@ def main() -> None:
     parser.add_argument("--slow", type=int, default=5, help="slow clients (one byte per second)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-log", type=Path, default=None, help="copy the daemon's log here")
+    benchlib.smoke_flag(parser)
     args = parser.parse_args()
+    timeout_s = None
+    if args.smoke:
+        args.requests, args.clients, args.per_client, args.slow, timeout_s = 300, 10, 3, 1, 2.0
 
     with tempfile.TemporaryDirectory(prefix="pocketd-fuzz-") as t:
         tmp = Path(t)
         t0 = time.monotonic()
-        proc, sock, log_path = start_daemon(tmp)
+        daemon = start_daemon(tmp, timeout_s)
+        proc, sock, log_path = daemon.proc, daemon.sock, daemon.log_path
+        assert proc is not None
         first = request(sock, "status")
         print(f"daemon pid {first['daemon']['pid']} training session {first['training']['session_id']} "
               f"(step {first['training']['step']}), ready after {time.monotonic() - t0:.0f} s", flush=True)
@@ -546,17 +492,12 @@ def main() -> None:
             last = request(sock, "status")
             alive = proc.poll() is None
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
+            code = daemon.stop(120)
         log_text = log_path.read_text(errors="replace")
         if args.keep_log:
             args.keep_log.write_text(log_text)
 
-    errors = [ln for ln in log_text.splitlines() if " ERROR " in ln or ln.startswith("Traceback") or "CRITICAL" in ln]
+    errors = benchlib.error_lines(log_text)
     lat = percentiles(latencies) if latencies else None
     training = last["state"] == "training"
     share = 100.0 * TALLY.well_formed / TALLY.replies if TALLY.replies else 0.0
@@ -568,7 +509,7 @@ def main() -> None:
           f"replies deliberately left unread (disconnects): {TALLY.unread}")
     print("reply codes: " + ", ".join(f"{k} {v}" for k, v in TALLY.codes.most_common()))
     print(f"internal errors: {TALLY.codes.get('internal', 0)}")
-    print(f"slow clients: " + "; ".join(sorted(Counter(slow_results).keys())) + f" ({len(slow_results)} connections)")
+    print("slow clients: " + "; ".join(sorted(Counter(slow_results).keys())) + f" ({len(slow_results)} connections)")
     print(f"daemon alive: {'yes' if alive else 'no'}; still training: {'yes' if training else 'no'} "
           f"(session {mid['training']['session_id'] if mid.get('training') else '-'} -> "
           f"{last['training']['session_id'] if last.get('training') else '-'}, "

@@ -1,40 +1,26 @@
 """Round-trip latency of the control socket's `status` command, and the idle daemon's RSS.
 
-    python bench/status_latency.py [-n 1000] [--socket PATH]
+    python bench/status_latency.py [-n 1000] [--socket PATH] [--smoke]
 
 Without --socket it starts a private daemon (`python -m pocketd.daemon run`) in a temporary
 home (fake charger unplugged, empty store, so it sits idle), measures, and stops it
 with SIGTERM. Two series: a new connection per request (what `pocketd status` does)
 and one persistent connection. Prints p50/p90/p99/max in milliseconds.
+--smoke: 50 requests per series.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pocketd.daemon.client import Client, DaemonNotRunning, request  # noqa: E402
-
-
-def percentiles(samples_s: list[float]) -> dict[str, float]:
-    ms = sorted(x * 1000 for x in samples_s)
-
-    def pct(p: float) -> float:
-        return ms[min(len(ms) - 1, int(round(p / 100 * (len(ms) - 1))))]
-
-    return {"n": len(ms), "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": ms[-1],
-            "mean": statistics.fmean(ms)}
+import benchlib
+from benchlib import percentiles
+from pocketd.daemon.client import Client, request
 
 
 def measure(path: Path, n: int) -> dict[str, dict[str, float]]:
@@ -56,32 +42,13 @@ def measure(path: Path, n: int) -> dict[str, dict[str, float]]:
     return {"new connection per request": percentiles(fresh), "one persistent connection": percentiles(persistent)}
 
 
-def start_private_daemon(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETD_") and k != "NOTIFY_SOCKET"}
-    home = tmp / "home"
-    home.mkdir()
-    power = tmp / "power.json"
-    power.write_text(json.dumps({"on_power": False, "percent": 80}))
-    env.update({
-        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_DATA_HOME": str(home / ".local/share"),
-        "XDG_CACHE_HOME": str(home / ".cache"), "XDG_STATE_HOME": str(home / ".local/state"),
-        "XDG_RUNTIME_DIR": str(tmp / "run"),
-        "POCKETD_DAEMON__POWER_PROBE": "fake", "POCKETD_DAEMON__FAKE_POWER_FILE": str(power),
-    })
-    (tmp / "run").mkdir(mode=0o700)
-    sock = tmp / "run" / "pocketd" / "pocketd.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pocketd.daemon", "run"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if request(sock, "status")["state"] != "idle":
-                return proc, sock
-        except DaemonNotRunning:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the daemon did not start within 30 s")
+def start_private_daemon(tmp: Path) -> benchlib.Daemon:
+    """An idle daemon: fake charger unplugged, empty store; returned once its policy has decided."""
+    home = benchlib.make_home(tmp)
+    env = benchlib.private_env(home, tmp / "run", **benchlib.fake_power_settings(tmp / "power.json", False, 80))
+    daemon = benchlib.Daemon(env, tmp / "daemon.log").start()
+    daemon.wait_or_exit(lambda: (daemon.status() or {}).get("state", "idle") != "idle", 30, "the daemon to start")
+    return daemon
 
 
 def main() -> None:
@@ -89,21 +56,24 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=1000, help="requests per series")
     parser.add_argument("--socket", type=Path, help="an already running daemon's socket")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    benchlib.smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.n = 50
     with tempfile.TemporaryDirectory(prefix="pocketd-bench-") as tmp:
-        proc = None
+        daemon = None
         path = args.socket
         if path is None:
-            proc, path = start_private_daemon(Path(tmp))
+            daemon = start_private_daemon(Path(tmp))
+            path = daemon.sock
         try:
             time.sleep(1.0)  # let the first policy check settle
             status = request(path, "status")
             results = measure(path, args.n)
             after = request(path, "status")
         finally:
-            if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                code = proc.wait(30)
+            if daemon is not None:
+                code = daemon.stop(30)
                 if code != 0:
                     print(f"warning: the daemon exited with {code}", file=sys.stderr)
     out = {

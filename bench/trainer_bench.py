@@ -1,6 +1,6 @@
 """Trainer benchmark (issue 3): MeZO vs inference forward vs AdamW on the default model, seq 128.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/trainer_bench.py [--quick] [--only NAME[,NAME]] [--minutes N]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/trainer_bench.py [--quick] [--only NAME[,NAME]] [--minutes N] [--smoke]
 
 One command: ingests ../shared/data/til-notes-2020-2023.jsonl into a temporary
 store, then runs every configuration in its own fresh process
@@ -32,6 +32,10 @@ Measurements (all on the same fixed batch of full 128-token training windows):
 Peak RSS is sampled every ~10 ms by a background thread during the measured
 operations only ("peak RSS"); ru_maxrss (whole process, including model load) is
 reported alongside. Memory figures are MiB (2**20 bytes).
+
+--smoke: every worker once, on the tiny test model, 150 generated notes, seq 32, one repetition,
+50 replayed steps, 2 s quality budgets, all workers in one child process; the JSON and logs go to
+a temporary folder.
 """
 
 from __future__ import annotations
@@ -42,30 +46,24 @@ import math
 import os
 import platform
 import random
-import resource
 import signal
-import sqlite3
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import benchlib
+from benchlib import MIB, TIL_NOTES, RssSampler, adamw_step, copy_store, fmt as _fmt, ru_maxrss_mib, table as _table
 
-RESULTS = ROOT / "bench" / "results"
+RESULTS = benchlib.BENCH / "results"
 DEFAULT_JSON = RESULTS / "trainer_bench.json"
 DEFAULT_CACHE = RESULTS / "cache"
-TIL_NOTES = ROOT.parent / "shared" / "data" / "til-notes-2020-2023.jsonl"
-MIB = 2**20
 
 # Targets of issue 3 (checked against the measured numbers, never assumed).
 MAX_STEP_OVER_FORWARD = 2.2
@@ -93,6 +91,8 @@ class Settings:
     mezo_lr: float | None = None  # None: TrainerConfig default
     mezo_eps: float | None = None
     adamw_lr: float = 1e-4
+    model: str = "default"  # trainer.model (--smoke: the tiny test model)
+    min_steps: int = 0  # AdamW quality steps even past the budget (--smoke: 1)
 
     def k_for(self, batch_size: int) -> int:
         return self.k_bs8 if batch_size <= 8 else self.k_bs64
@@ -100,53 +100,6 @@ class Settings:
 
 # ---------------------------------------------------------------------------
 # Measuring: RSS sampler, timed series
-
-
-class RssSampler:
-    """Samples this process's RSS every `interval` seconds in a daemon thread, only inside `window()`."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        import psutil
-
-        self.interval = interval
-        self._proc = psutil.Process()
-        self._lock = threading.Lock()
-        self._peak = 0
-        self._active = False
-        self._samples = 0
-        thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        thread.start()
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.interval)
-            if self._active:
-                self._sample()
-
-    def current_mib(self) -> float:
-        return self._proc.memory_info().rss / MIB
-
-    def _sample(self) -> None:
-        rss = self._proc.memory_info().rss
-        with self._lock:
-            self._peak = max(self._peak, rss)
-            self._samples += 1
-
-    @contextmanager
-    def window(self) -> Iterator[dict[str, int]]:
-        """Yields a dict that holds {"peak": bytes, "samples": n} once the block has finished."""
-        out: dict[str, int] = {}
-        with self._lock:
-            self._peak, self._samples = 0, 0
-        self._sample()
-        self._active = True
-        try:
-            yield out
-        finally:
-            self._active = False
-            self._sample()
-            with self._lock:
-                out["peak"], out["samples"] = self._peak, self._samples
 
 
 @dataclass
@@ -192,10 +145,6 @@ class Series:
         }
 
 
-def ru_maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 # ---------------------------------------------------------------------------
 # Worker helpers: model, data, batches
 
@@ -205,7 +154,7 @@ def trainer_config(s: Settings, **overrides: Any) -> Any:
 
     # Issue 3's figures are for textbook LoRA-MeZO (every layer, A and B, lr 1e-4, sgd, full
     # forwards); pocketd's later defaults (bench/zo_quality.py) are pinned away here.
-    values: dict[str, Any] = {"seq_len": s.seq, "seed": s.seed, "lora_layers": None, "lora_fa": False,
+    values: dict[str, Any] = {"model": s.model, "seq_len": s.seq, "seed": s.seed, "lora_layers": None, "lora_fa": False,
                               "lr": 1e-4, "step_rule": "sgd", "prefix_sharing": False, "divergence_guard": False}
     if s.mezo_lr is not None:
         values["lr"] = s.mezo_lr
@@ -218,7 +167,7 @@ def trainer_config(s: Settings, **overrides: Any) -> Any:
 def load_default(s: Settings, dtype: str = "float32") -> Any:
     from pocketd.trainer.model import load_base
 
-    return load_base("default", Path(s.cache_dir), dtype)
+    return load_base(s.model, Path(s.cache_dir), dtype)
 
 
 def fixed_batch(s: Settings, tokenizer: Any, batch_size: int) -> Any:
@@ -242,14 +191,6 @@ def head_rows(batch: Any, n: int) -> Any:
 
 def loss_kwargs(cfg: Any) -> dict[str, int]:
     return {"micro_batch": cfg.micro_batch_size, "chunk_tokens": cfg.loss_chunk_tokens}
-
-
-def copy_store(src: str, dst: Path) -> Path:
-    """A private copy of the prepared store (sqlite backup API: consistent even with a WAL)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with closing(sqlite3.connect(src)) as a, closing(sqlite3.connect(str(dst))) as b:
-        a.backup(b)
-    return dst
 
 
 def common_info(base: Any, rss_before_mib: float) -> dict[str, Any]:
@@ -363,7 +304,7 @@ def worker_mezo(s: Settings, trainable: str, batch_size: int, dtype: str = "floa
     from pocketd.trainer.config import Trainable
     from pocketd.trainer.loss import loss_sum, mean_loss
     from pocketd.trainer.replay import Spec, estimator_dict, prepare_model
-    from pocketd.trainer.session import lr_at
+    from pocketd.trainer.methods.mezo import lr_at
     from pocketd.trainer.zo import Restore, apply_update, estimate
 
     sampler = RssSampler()
@@ -423,28 +364,13 @@ def adamw_setup(s: Settings, base: Any, trainable: str, lr: float) -> tuple[Any,
     import torch
 
     from pocketd.trainer.config import Trainable
-    from pocketd.trainer.lora import lora_modules
-    from pocketd.trainer.replay import Spec, prepare_model
 
-    model = base.model
     if trainable == "lora":
-        prepare_model(model, Spec.from_config(trainer_config(s, trainable=Trainable.LORA)))
-        params = [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
-    else:
-        params = list(model.parameters())  # tied embeddings once
+        return benchlib.lora_adamw(base.model, trainer_config(s, trainable=Trainable.LORA), lr)
+    params = list(base.model.parameters())  # tied embeddings once
     for p in params:
         p.requires_grad_(True)
     return torch.optim.AdamW(params, lr=lr), params
-
-
-def adamw_step(model: Any, opt: Any, batch: Any) -> float:
-    """Plain transformers forward with labels (full [B, T, V] logits), backward, AdamW step."""
-    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-    opt.zero_grad(set_to_none=True)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels, use_cache=False)
-    out.loss.backward()
-    opt.step()
-    return float(out.loss.detach())
 
 
 def worker_adamw(s: Settings, trainable: str, batch_size: int) -> dict[str, Any]:
@@ -464,6 +390,17 @@ def worker_adamw(s: Settings, trainable: str, batch_size: int) -> dict[str, Any]
     }
 
 
+LOG_DOCUMENTS = 64  # documents the synthetic steps name (the store refuses steps naming missing documents)
+
+
+def placeholder_documents(store: Any, n: int = LOG_DOCUMENTS) -> None:
+    """Documents 1..n in an empty store, for synthetic step rows to name."""
+    from pocketd.ingest import IngestConfig, ingest_text
+
+    for i in range(n):
+        ingest_text(store, f"placeholder note number {i} for the log bench", "bench", IngestConfig())
+
+
 def synthetic_steps(n: int, lr: float, seed: int, n_docs: int = 8) -> list[Any]:
     """n single-perturbation steps with random seeds and gradients (and 8 document ids, as at bs 8)."""
     from pocketd.store import StepRecord
@@ -472,7 +409,7 @@ def synthetic_steps(n: int, lr: float, seed: int, n_docs: int = 8) -> list[Any]:
     rng = random.Random(seed)
     return [
         StepRecord(i, (rng.getrandbits(63),), (f32(rng.gauss(0.0, 5.0)),), f32(lr), rng.uniform(2.0, 3.0),
-                   tuple(sorted(rng.sample(range(1, 500), n_docs))))
+                   tuple(sorted(rng.sample(range(1, LOG_DOCUMENTS + 1), n_docs))))
         for i in range(n)
     ]
 
@@ -488,7 +425,7 @@ def db_bytes(store: Any) -> int:
 def worker_log_replay(s: Settings) -> dict[str, Any]:
     """Log bytes per step (store row, packed file) and replay time of synthetic LoRA steps."""
     from pocketd.store import Store
-    from pocketd.trainer.checkpoints import to_file
+    from pocketd.trainer.methods.mezo import to_file
     from pocketd.trainer.ckptfile import pack
     from pocketd.trainer.config import Trainable
     from pocketd.trainer.replay import Spec, estimator_dict, prepare_model, replay
@@ -506,6 +443,7 @@ def worker_log_replay(s: Settings) -> dict[str, Any]:
     work = Path(s.work_dir) / "log-replay"
     work.mkdir(parents=True, exist_ok=True)
     with Store.open(work / "log.db") as store:
+        placeholder_documents(store)
         ck = store.log.create(parent_id=None, method=cfg.method.value, base_fingerprint=base.fingerprint,
                               spec=spec.to_dict(), estimator=estimator, torch_version=None)
         initial = params.snapshot()
@@ -590,40 +528,16 @@ def worker_quality_mezo(s: Settings) -> dict[str, Any]:
 
 def worker_quality_adamw(s: Settings) -> dict[str, Any]:
     """LoRA-AdamW under the same accounting as the session: the budget starts before the model loads."""
-    from pocketd.store import Store
-    from pocketd.trainer.data import BatchSampler, collate, items_for, pad_id_of
-    from pocketd.trainer.evaluate import eval_items, evaluate
-
-    sampler = RssSampler()
-    t_start = time.monotonic()
-    deadline = t_start + s.minutes * 60
     cfg = trainer_config(s)
     db = copy_store(s.store, Path(s.work_dir) / "quality-adamw" / "store.db")
-    with sampler.window() as w:
-        base = load_default(s)
-        tok, model = base.tokenizer, base.model
-        with Store.open(db) as store:
-            train_items = items_for(store, tok, "train", cfg.seq_len)
-            val_items = eval_items(items_for(store, tok, "validation", cfg.seq_len), cfg.eval_examples)
-            counts = store.docs.trained_counts()
-        opt, _ = adamw_setup(s, base, "lora", s.adamw_lr)
-        pad = pad_id_of(tok)
-        kw = loss_kwargs(cfg)
-        before = evaluate(model, val_items, pad_id=pad, batch_size=cfg.batch_size, **kw)
-        rng = random.Random(cfg.seed)  # same draws as run_session: same batch sequence
-        batches = BatchSampler(train_items, counts, cfg.batch_size, rng.getrandbits(63))
-        steps, t_loop = 0, time.monotonic()
-        while time.monotonic() < deadline:
-            adamw_step(model, opt, collate(batches.next(), pad))
-            steps += 1
-        train_s = time.monotonic() - t_loop
-        after = evaluate(model, val_items, pad_id=pad, batch_size=cfg.batch_size, **kw)
+    r = benchlib.adamw_quality(cfg, db, Path(s.cache_dir), s.adamw_lr, s.minutes, RssSampler(), s.min_steps)
+    steps = r["steps"]
     return {
-        "method": "lora-adamw", "lr": s.adamw_lr, "batch_size": cfg.batch_size, "eval_windows": len(val_items),
-        "minutes": s.minutes, "steps": steps, "loss_before": before.loss, "loss_after": after.loss,
-        "ppl_before": before.perplexity, "ppl_after": after.perplexity, "train_loop_s": round(train_s, 1),
-        "s_per_step": round(train_s / steps, 3) if steps else None, "wall_s": round(time.monotonic() - t_start, 1),
-        "peak_rss_mib": round(w["peak"] / MIB, 1), "ru_maxrss_mib": round(ru_maxrss_mib(), 1),
+        "method": "lora-adamw", "lr": s.adamw_lr, "batch_size": cfg.batch_size, "eval_windows": r["eval_windows"],
+        "minutes": s.minutes, "steps": steps, "loss_before": r["loss_before"], "loss_after": r["loss_after"],
+        "ppl_before": r["ppl_before"], "ppl_after": r["ppl_after"], "train_loop_s": round(r["train_loop_s"], 1),
+        "s_per_step": round(r["s_per_step"], 3) if steps else None, "wall_s": round(r["wall_s"], 1),
+        "peak_rss_mib": round(r["peak_rss_mib"], 1), "ru_maxrss_mib": round(ru_maxrss_mib(), 1),
     }
 
 
@@ -643,51 +557,19 @@ WORKERS: dict[str, Callable[[Settings], dict[str, Any]]] = {
 }
 
 
-def run_worker(name: str, settings_json: str) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+def run_worker(names: str, settings_json: str) -> None:
     s = Settings(**json.loads(settings_json))
-    fn = worker_prepare if name == "prepare" else WORKERS[name]
-    result = fn(s)
-    print(json.dumps(result), flush=True)
+    benchlib.run_workers(names, lambda name: (worker_prepare if name == "prepare" else WORKERS[name])(s))
 
 
 # ---------------------------------------------------------------------------
 # Driver
 
 
-def ingest_store(path: Path) -> dict[str, Any]:
-    from pocketd.ingest import IngestConfig, ingest_paths
-    from pocketd.store import Store
-
-    with Store.open(path) as store:
-        report = ingest_paths(store, [TIL_NOTES], IngestConfig())
-        stats = store.docs.stats()
-    return {"added": len(report.added), "rejected": len(report.rejected), "documents": stats.documents,
-            "examples": stats.examples}
-
-
-def spawn(name: str, s: Settings, log_dir: Path, timeout_s: float) -> dict[str, Any]:
-    """Run one worker in a fresh process; its JSON result (or an error record)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT),
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--settings", json.dumps(asdict(s))]
-    log_path = log_dir / f"{name}.log"
-    t0 = time.monotonic()
-    with log_path.open("w", encoding="utf-8") as err:
-        try:
-            proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout_s:.0f} s (see {log_path})", "worker_wall_s": timeout_s}
-    wall = round(time.monotonic() - t0, 1)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}", "worker_wall_s": wall}
-    result = json.loads(lines[-1])
-    result["worker_wall_s"] = wall
-    return result
+def spawn(names: list[str], s: Settings, log_dir: Path, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Run workers in one fresh process (one each, except in --smoke); their JSON results (or error records)."""
+    return benchlib.spawn_workers(Path(__file__).resolve(), names, json.dumps(asdict(s)),
+                                  log_dir / f"{'+'.join(names) if len(names) < 3 else 'smoke'}.log", timeout_s)
 
 
 def select(only: str | None) -> list[str]:
@@ -730,28 +612,38 @@ def _brief(name: str, r: dict[str, Any]) -> str:
 def run_driver(args: argparse.Namespace) -> None:
     names = select(args.only)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so the temporary store is removed
-    log_dir = Path(args.json).resolve().parent / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    cache = Path(args.cache_dir).resolve()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="trainer_bench.") as tmp:
+        if args.smoke:
+            args.json, args.cache_dir = str(Path(tmp) / "trainer_bench.json"), str(Path(tmp) / "cache")
+        log_dir = Path(args.json).resolve().parent / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
         store_path = Path(tmp) / "store.db"
-        ingested = ingest_store(store_path)
-        s = settings_from_args(args, store_path, cache, Path(tmp))
+        notes = benchlib.write_notes_jsonl(Path(tmp) / "notes.jsonl", 150) if args.smoke else TIL_NOTES
+        ingested = benchlib.ingest_store(store_path, [notes])
+        s = settings_from_args(args, store_path, Path(args.cache_dir).resolve(), Path(tmp))
         timeout = 3600.0 + s.minutes * 60
-        prep = spawn("prepare", s, log_dir, timeout)
+        if args.smoke:  # every worker in one child: one torch import, not thirteen
+            results = spawn(["prepare", *names], s, log_dir, timeout)
+            prep = results.pop("prepare")
+        else:
+            prep = spawn(["prepare"], s, log_dir, timeout)["prepare"]
+            results = {}
         progress("prepare", prep, started)
         if "error" in prep:
-            sys.exit("prepare failed: the model or the data could not be loaded")
-        results: dict[str, dict[str, Any]] = {}
+            sys.exit("prepare failed: the model or the data could not be loaded: " + prep["error"])
         for i, name in enumerate(names, 1):
-            results[name] = spawn(name, s, log_dir, timeout)
+            if not args.smoke:
+                results[name] = spawn([name], s, log_dir, timeout)[name]
             progress(f"[{i}/{len(names)}] {name}", results[name], started, brief(name, results[name]))
             write_json(Path(args.json), build_report(args, s, ingested, prep, results, time.monotonic() - started))
-    report = build_report(args, s, ingested, prep, results, time.monotonic() - started)
-    write_json(Path(args.json), report)
+        report = build_report(args, s, ingested, prep, results, time.monotonic() - started)
+        write_json(Path(args.json), report)
     print(render(report))
-    print(f"\nwrote {args.json}", file=sys.stderr)
+    if not args.smoke:
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.smoke and any("error" in r for r in results.values()):
+        sys.exit(1)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -777,6 +669,9 @@ def settings_from_args(args: argparse.Namespace, store: Path, cache: Path, work:
                  minutes=args.minutes, mezo_lr=args.mezo_lr, mezo_eps=args.mezo_eps, adamw_lr=args.adamw_lr)
     if args.quick:
         s.k_bs8, s.k_bs64, s.k_adamw = 2, 1, 2
+    if args.smoke:
+        s.k_bs8, s.k_bs64, s.k_adamw, s.replay_steps, s.seq, s.min_steps = 1, 1, 1, 50, 32, 1
+        s.model = str(benchlib.tiny_model(work / "tiny-model", in_process=False))
     return s
 
 
@@ -855,19 +750,16 @@ def quality_summary(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None
 def build_report(args: argparse.Namespace, s: Settings, ingested: dict[str, Any], prep: dict[str, Any],
                  results: dict[str, dict[str, Any]], wall: float) -> dict[str, Any]:
     meta = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "quick": args.quick,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "quick": args.quick, "smoke": args.smoke,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_s": round(wall, 1),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
-        "model": "default (SmolLM2-135M-Instruct GGUF -> float32 safetensors cache)", "seq": s.seq,
-        "data": str(TIL_NOTES), "ingested": ingested, "prepare": prep,
+        "model": ("default (SmolLM2-135M-Instruct GGUF -> float32 safetensors cache)" if s.model == "default"
+                  else s.model), "seq": s.seq,
+        "data": "generated notes (--smoke)" if args.smoke else str(TIL_NOTES), "ingested": ingested, "prepare": prep,
         "settings": {k: v for k, v in asdict(s).items() if k not in ("store", "work_dir")},
     }
     return {"meta": meta, "results": results, "quality": quality_summary(results), "targets": targets(results)}
-
-
-def _fmt(x: Any, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
 
 
 SPEED_HEADER = ("configuration", "bs", "k", "s/op", "fwd s", "step/fwd", "(min)", "(cpu)", "base fwd s", "step/base",
@@ -912,16 +804,9 @@ def _speed_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
     return rows
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
-
-
 def render(report: dict[str, Any]) -> str:
     results, meta = report["results"], report["meta"]
-    parts = [f"trainer bench: default model, seq {meta['seq']}, {meta['machine']['cpus']} CPUs, "
+    parts = [f"trainer bench: {meta['model'].split(' (')[0]} model, seq {meta['seq']}, {meta['machine']['cpus']} CPUs, "
              f"{'QUICK, ' if meta['quick'] else ''}wall {meta['wall_s']:.0f} s"]
     speed = _speed_rows(results)
     if speed:
@@ -984,9 +869,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the JSON report")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
+    benchlib.smoke_flag(p)
     args = p.parse_args(argv)
     if args.minutes is None:
-        args.minutes = 1.0 if args.quick else 10.0
+        args.minutes = 0.03 if args.smoke else 1.0 if args.quick else 10.0
     return args
 
 

@@ -1,7 +1,7 @@
 """Held-out quality per wall-clock budget: LoRA-AdamW vs textbook LoRA-MeZO vs pocketd's methods (issues 6, 7).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/zo_quality.py [--minutes 10] [--eval-windows 128]
-        [--variant NAME='{"lr": 1e-3, ...}' ...] [--only adamw,textbook,pocketd,side,step-cost,side-epochs]
+        [--variant NAME='{"lr": 1e-3, ...}' ...] [--only adamw,textbook,pocketd,side,step-cost,side-epochs] [--smoke]
 
 One command, one run. Ingests ../shared/data/til-notes-2020-2023.jsonl into a
 temporary store; the store splits train / validation *by note* (a note's windows are
@@ -30,6 +30,9 @@ held-out windows (the first --eval-windows validation windows). Prints a table:
 steps, s/step, step cost in full forwards, peak RSS, perplexity before/after and
 gain, and each method's gain over LoRA-AdamW's gain in the same run. Writes
 bench/results/zo_quality.json.
+
+--smoke: every run once on the tiny test model and 150 generated notes, 2 s budgets, seq 32,
+8 held-out windows, all in one child process; the JSON and logs go to a temporary folder.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,13 +49,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import benchlib
+from benchlib import MIB, RssSampler, copy_store, fmt
 
-import trainer_bench as tb  # noqa: E402  (RSS sampler, store copy, ingest)
-
-DEFAULT_JSON = tb.RESULTS / "zo_quality.json"
+RESULTS = benchlib.BENCH / "results"
+DEFAULT_JSON = RESULTS / "zo_quality.json"
+DEFAULT_CACHE = RESULTS / "cache"
 TEXTBOOK = {"lr": 1e-4, "eps": 1e-2, "lora_layers": None, "lora_fa": False, "lora_targets": "attention",
             "lora_rank": 8, "perturbation": "gaussian", "step_rule": "sgd", "prefix_sharing": False,
             "divergence_guard": False, "n_perturbations": 1, "lr_schedule": "constant"}
@@ -63,6 +64,7 @@ ADAMW_SPEC = {"lora_layers": None, "lora_fa": False, "lora_targets": "attention"
 def config(a: dict[str, Any], **fields: Any) -> Any:
     from pocketd.trainer.config import TrainerConfig
 
+    fields.setdefault("model", a.get("model", "default"))
     return TrainerConfig(seq_len=a["seq"], seed=a["seed"], batch_size=a["batch_size"],
                          eval_examples=a["eval_windows"], **fields)
 
@@ -110,7 +112,7 @@ def worker_session(a: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     from pocketd.trainer.model import load_base
     from pocketd.trainer.session import run_session
 
-    db = tb.copy_store(a["store"], Path(a["work_dir"]) / f"s{os.getpid()}" / "store.db")
+    db = copy_store(a["store"], Path(a["work_dir"]) / f"s{os.getpid()}" / "store.db")
     cfg = config(a, **fields)
     job = TrainingJob(database=db, cache_dir=private_cache(a), trainer=cfg, memory_budget_mb=65536,
                       max_minutes=a["minutes"], evaluate=True)
@@ -124,7 +126,7 @@ def worker_session(a: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
             losses.append(st.loss)
             last_step[0] = time.monotonic()
 
-    sampler = tb.RssSampler()
+    sampler = RssSampler()
     with sampler.window() as w:
         outcome = run_session(job, threading.Event(), on_status)
     train_s = last_step[0] - training_at[0] if outcome.steps else 0.0
@@ -151,54 +153,21 @@ def worker_session(a: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
             "train_loss_by_tenth": [statistics.fmean(losses[i * len(losses) // 10:(i + 1) * len(losses) // 10])
                                     for i in range(10)] if len(losses) >= 10 else None,
             "train_loss_last10": statistics.fmean(losses[-10:]) if losses else None,
-            "peak_rss_mib": w["peak"] / tb.MIB}
+            "peak_rss_mib": w["peak"] / MIB}
 
 
 def worker_adamw(a: dict[str, Any], lr: float) -> dict[str, Any]:
     """LoRA-AdamW with the same budget accounting, batches and held-out windows as the sessions."""
-    import random
-
-    from pocketd.store import Store
-    from pocketd.trainer.data import BatchSampler, collate, items_for, pad_id_of
-    from pocketd.trainer.evaluate import eval_items, evaluate
-    from pocketd.trainer.lora import lora_modules
-    from pocketd.trainer.model import load_base
-    from pocketd.trainer.replay import Spec, prepare_model
-
-    import torch
-
-    sampler = tb.RssSampler()
-    deadline = time.monotonic() + a["minutes"] * 60
     cfg = config(a, **ADAMW_SPEC)
-    db = tb.copy_store(a["store"], Path(a["work_dir"]) / f"adamw-{lr:g}" / "store.db")
-    with sampler.window() as w:
-        base = load_base(cfg.model, Path(a["cache_dir"]), cfg.dtype)
-        tok, model = base.tokenizer, base.model
-        with Store.open(db) as store:
-            train_items = items_for(store, tok, "train", cfg.seq_len)
-            val_items = eval_items(items_for(store, tok, "validation", cfg.seq_len), cfg.eval_examples)
-            counts = store.docs.trained_counts()
-        prepare_model(model, Spec.from_config(cfg))
-        params = [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr)
-        pad = pad_id_of(tok)
-        kw = {"micro_batch": cfg.micro_batch_size, "chunk_tokens": cfg.loss_chunk_tokens}
-        before = evaluate(model, val_items, pad_id=pad, batch_size=cfg.batch_size, **kw)
-        rng = random.Random(cfg.seed)  # the session's first draw seeds its sampler: same batch order
-        batches = BatchSampler(train_items, counts, cfg.batch_size, rng.getrandbits(63))
-        steps, t_loop = 0, time.monotonic()
-        while time.monotonic() < deadline:
-            tb.adamw_step(model, opt, collate(batches.next(), pad))
-            steps += 1
-        train_s = time.monotonic() - t_loop
-        after = evaluate(model, val_items, pad_id=pad, batch_size=cfg.batch_size, **kw)
-    fwd = full_forward_s(model, fixed_batch(a, tok, a["store"], cfg.batch_size), cfg)
-    return {"config": {"adamw_lr": lr, **ADAMW_SPEC}, "steps": steps, "s_per_step": train_s / max(steps, 1),
-            "forward_s": fwd, "step_cost": train_s / max(steps, 1) / fwd,
-            "loss_before": before.loss, "loss_after": after.loss, "ppl_before": before.perplexity,
-            "ppl_after": after.perplexity, "peak_rss_mib": w["peak"] / tb.MIB}
+    db = copy_store(a["store"], Path(a["work_dir"]) / f"adamw-{lr:g}" / "store.db")
+    r = benchlib.adamw_quality(cfg, db, Path(a["cache_dir"]), lr, a["minutes"], RssSampler(), a.get("min_steps", 0))
+    base = r["base"]
+    fwd = full_forward_s(base.model, fixed_batch(a, base.tokenizer, a["store"], cfg.batch_size), cfg)
+    s_per_step = r["train_loop_s"] / max(r["steps"], 1)
+    return {"config": {"adamw_lr": lr, **ADAMW_SPEC}, "steps": r["steps"], "s_per_step": s_per_step,
+            "forward_s": fwd, "step_cost": s_per_step / fwd, "loss_before": r["loss_before"],
+            "loss_after": r["loss_after"], "ppl_before": r["ppl_before"], "ppl_after": r["ppl_after"],
+            "peak_rss_mib": r["peak_rss_mib"]}
 
 
 def worker_step_cost(a: dict[str, Any]) -> dict[str, Any]:
@@ -207,7 +176,7 @@ def worker_step_cost(a: dict[str, Any]) -> dict[str, Any]:
     from pocketd.trainer.loss import mean_loss
     from pocketd.trainer.model import load_base
     from pocketd.trainer.replay import Spec, prepare_model
-    from pocketd.trainer.session import _step_plan
+    from pocketd.trainer.methods.mezo import step_plan
     from pocketd.trainer.zo import Restore
 
     out: dict[str, Any] = {}
@@ -226,7 +195,7 @@ def worker_step_cost(a: dict[str, Any]) -> dict[str, Any]:
         def plan(cache_mb: int) -> Any:
             job = TrainingJob(database=Path(a["store"]), cache_dir=cache_dir, memory_budget_mb=65536,
                               trainer=cfg.model_copy(update={"activation_cache_mb": cache_mb}))
-            return _step_plan(model, params, "bench", job)
+            return step_plan(model, params, "bench", job)
 
         plain_step, cached_step = plan(0), plan(4096)
         seeds = list(range(cfg.n_perturbations))
@@ -257,7 +226,6 @@ def worker_step_cost(a: dict[str, Any]) -> dict[str, Any]:
 def worker_side_epochs(a: dict[str, Any]) -> dict[str, Any]:
     """The side method's step time over the same examples twice: epoch 1 fills the activation cache
     (the backbone runs), epoch 2 reads it (only the trained part, the head and its backward run)."""
-    from pocketd.trainer.job import TrainingJob
     from pocketd.trainer.model import load_base
     from pocketd.trainer.prefix import Parts, batch_prefixes
     from pocketd.trainer.actcache import ActivationCache
@@ -299,50 +267,24 @@ def worker_side_epochs(a: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_worker(name: str, a: dict[str, Any]) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+def worker(name: str, a: dict[str, Any]) -> dict[str, Any]:
     if name.startswith("adamw"):
-        result = worker_adamw(a, float(name.partition("@")[2] or a["adamw_lr"][0]))
-    elif name == "step-cost":
-        result = worker_step_cost(a)
-    elif name == "side-epochs":
-        result = worker_side_epochs(a)
-    elif name == "side":
-        result = worker_session(a, {"method": "side", **a["variants"].get(name, {})})
-    elif name == "textbook":
-        result = worker_session(a, TEXTBOOK)
-    else:
-        result = worker_session(a, a["variants"].get(name, {}))
-    print(json.dumps(result), flush=True)
-
-
-def spawn(name: str, a: dict[str, Any], log_dir: Path) -> dict[str, Any]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT),
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--settings", json.dumps(a)]
-    log_path = log_dir / f"zo_quality-{name}.log"
-    t0 = time.monotonic()
-    with log_path.open("w", encoding="utf-8") as err:
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    result = json.loads(lines[-1])
-    result["worker_wall_s"] = round(time.monotonic() - t0, 1)
-    return result
+        return worker_adamw(a, float(name.partition("@")[2] or a["adamw_lr"][0]))
+    if name == "step-cost":
+        return worker_step_cost(a)
+    if name == "side-epochs":
+        return worker_side_epochs(a)
+    if name == "side":
+        return worker_session(a, {"method": "side", **a["variants"].get(name, {})})
+    if name == "textbook":
+        return worker_session(a, TEXTBOOK)
+    return worker_session(a, a["variants"].get(name, {}))
 
 
 def gain_pct(r: dict[str, Any]) -> float | None:
     if r.get("ppl_before") is None or r.get("ppl_after") is None:
         return None
     return 100.0 * (1.0 - r["ppl_after"] / r["ppl_before"])
-
-
-def fmt(x: Any, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def render(results: dict[str, dict[str, Any]]) -> str:
@@ -408,14 +350,18 @@ def main() -> None:
                    help="extra session: the default TrainerConfig with these fields (repeatable)")
     p.add_argument("--only", help="comma-separated subset of: adamw, textbook, pocketd, side, step-cost, side-epochs, "
                    "variant names")
-    p.add_argument("--cache-dir", default=str(tb.DEFAULT_CACHE), help="model cache (GGUF converted once)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="model cache (GGUF converted once)")
     p.add_argument("--json", default=str(DEFAULT_JSON))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
+    benchlib.smoke_flag(p)
     args = p.parse_args()
     if args.worker:
-        run_worker(args.worker, json.loads(args.settings))
+        settings = json.loads(args.settings)
+        benchlib.run_workers(args.worker, lambda name: worker(name, settings))
         return
+    if args.smoke:
+        args.minutes, args.eval_windows, args.seq, args.cost_repeats, args.epoch_batches = 0.03, 8, 32, 1, 1
     variants = {}
     for v in args.variant:
         name, _, body = v.partition("=")
@@ -425,26 +371,43 @@ def main() -> None:
              "side-epochs"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
-    json_path = Path(args.json)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    log_dir = json_path.parent / "logs"
-    log_dir.mkdir(exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="zo_quality.") as tmp:
+        if args.smoke:
+            args.json, args.cache_dir = str(Path(tmp) / "zo_quality.json"), str(Path(tmp) / "cache")
+        json_path = Path(args.json)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        log_dir = json_path.parent / "logs"
+        log_dir.mkdir(exist_ok=True)
         store = Path(tmp) / "store.db"
-        ingested = tb.ingest_store(store)
+        notes = benchlib.write_notes_jsonl(Path(tmp) / "notes.jsonl", 150) if args.smoke else benchlib.TIL_NOTES
+        ingested = benchlib.ingest_store(store, [notes])
         print(f"ingested {ingested}", file=sys.stderr)
         ARGS.update(store=str(store), work_dir=tmp, cache_dir=str(Path(args.cache_dir).resolve()),
                     minutes=args.minutes, eval_windows=args.eval_windows, batch_size=args.batch_size, seq=args.seq,
                     seed=args.seed, adamw_lr=args.adamw_lr, cost_repeats=args.cost_repeats, variants=variants,
                     epoch_batches=args.epoch_batches)
-        for name in names:
-            t0 = time.monotonic()
-            results[name] = spawn(name, ARGS, log_dir)
-            print(f"{name}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+        if args.smoke:
+            ARGS["model"] = str(benchlib.tiny_model(Path(tmp) / "tiny-model", in_process=False))
+            ARGS["min_steps"] = 1  # the AdamW loop runs at least once even when loading ate the budget
+
+        def save() -> None:
             json_path.write_text(json.dumps({"args": {k: v for k, v in ARGS.items() if k not in ("store", "work_dir")},
                                              "ingested": ingested, "results": results}, indent=2))
+
+        script = Path(__file__).resolve()
+        if args.smoke:  # every run in one child: one torch import, not six
+            results.update(benchlib.spawn_workers(script, names, json.dumps(ARGS), log_dir / "zo_quality-smoke.log"))
+            save()
+        for name in [] if args.smoke else names:
+            t0 = time.monotonic()
+            results[name] = benchlib.spawn_workers(script, [name], json.dumps(ARGS),
+                                                   log_dir / f"zo_quality-{name}.log")[name]
+            print(f"{name}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+            save()
     print(render(results))
+    if args.smoke:
+        sys.exit(1 if any("error" in r for r in results.values()) else 0)
     print(f"\nwrote {json_path}", file=sys.stderr)
 
 

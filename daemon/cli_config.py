@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from pocketd.store import atomic_write, make_private_dir
 
 from .cli_context import AppContext, pass_app
-from .config import default_config_path, render, validate_file
+from .config import LoadedConfig, default_config_path, render, validate_file
+from .settings import SECTIONS
 
 
 @click.group()
@@ -18,12 +21,27 @@ def config() -> None:
 
 
 @config.command()
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {file, settings: {section: {field: {value, origin}}}} as JSON.")
 @pass_app
-def show(app: AppContext) -> None:
+def show(app: AppContext, as_json: bool) -> None:
     """Print the effective configuration and where each value came from."""
     loaded = app.loaded
+    if as_json:
+        click.echo(json.dumps(config_as_dict(loaded), indent=2, ensure_ascii=False))
+        return
     click.echo(f"# config file: {loaded.path or '(none: defaults)'}")
     click.echo(render(loaded))
+
+
+def config_as_dict(loaded: LoadedConfig) -> dict[str, Any]:
+    """The effective configuration as JSON values, each with where it came from (default, file, env NAME, cli)."""
+    settings: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        values = getattr(loaded.config, section).model_dump(mode="json")
+        settings[section] = {name: {"value": value, "origin": loaded.origin(f"{section}.{name}")}
+                             for name, value in values.items()}
+    return {"file": str(loaded.path) if loaded.path else None, "settings": settings}
 
 
 @config.command()
@@ -46,3 +64,6 @@ def init(app: AppContext, force: bool, file: Path | None) -> None:
     make_private_dir(target.parent)
     atomic_write(target, render(None, commented=True))
     click.echo(f"wrote {target}")
+
+
+COMMANDS = [config]

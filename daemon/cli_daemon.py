@@ -1,34 +1,29 @@
-"""`pocketd run` (the daemon, in the foreground) and the commands that talk to it over the socket."""
+"""`pocketd run` (the daemon, in the foreground) and the commands that talk to it over the socket.
+
+The client commands must start at once: this module imports only click, the client and the
+status formatter at module level (`run` imports the daemon and logging inside the command).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import shlex
 import sys
-import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from .cli_context import AppContext, pass_app
-from .client import ClientError, DaemonNotRunning, request
+from .client import Client, ClientError, DaemonNotRunning, request
 from .statusfmt import format_history, format_status
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_NOT_RUNNING = 3  # like `systemctl status` for a stopped unit
 _SUPERVISORS = {"runsv", "s6-supervise", "supervise", "systemd", "supervisord"}
-
-
-def _socket(app: AppContext) -> Path:
-    from .service import socket_path_for
-
-    return socket_path_for(app.loaded.config)
 
 
 def client_errors(fn: F) -> F:
@@ -49,7 +44,9 @@ def client_errors(fn: F) -> F:
 
 
 def _ask(app: AppContext, cmd: str, **args: Any) -> dict[str, Any]:
-    return request(_socket(app), cmd, timeout_s=app.loaded.config.daemon.request_timeout_s + 60, **args)
+    """One request to the daemon; its reply (DaemonError on an error reply, see client_errors)."""
+    endpoint = app.endpoint()
+    return request(endpoint.socket_path, cmd, timeout_s=endpoint.request_timeout_s + 60, **args)
 
 
 # -- run ---------------------------------------------------------------------------------------
@@ -72,6 +69,8 @@ def under_supervisor(environ: Mapping[str, str] | None = None, parent_name: str 
 
 def configure_logging(level: str, supervised: bool) -> None:
     """Log to stdout, line-buffered; timestamps only when no supervisor adds its own."""
+    import logging  # here, not at the top: the client commands do not load it
+
     fmt = "%(levelname)s %(name)s: %(message)s"
     if not supervised:
         fmt = "%(asctime)s " + fmt
@@ -90,6 +89,8 @@ def configure_logging(level: str, supervised: bool) -> None:
 @pass_app
 def run(app: AppContext, trainer_command: str | None) -> None:
     """Run the daemon in the foreground (it never forks; stop it with SIGTERM or Ctrl-C)."""
+    import logging
+
     from .server import SocketError
     from .service import Daemon
 
@@ -111,25 +112,37 @@ def run(app: AppContext, trainer_command: str | None) -> None:
 # -- client commands ----------------------------------------------------------------------------
 
 
+WATCH_HEARTBEAT_S = 15.0
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")
-@click.option("--watch", "watch", is_flag=False, flag_value=2.0, default=None, type=float, metavar="[SECONDS]",
-              help="Refresh every SECONDS (default 2) until Ctrl-C.")
+@click.option("--watch", is_flag=True,
+              help="Print the status again on every change (streamed by the daemon) until Ctrl-C; "
+                   "with --json one JSON object per line, heartbeats included.")
 @pass_app
 @client_errors
-def status(app: AppContext, as_json: bool, watch: float | None) -> None:
+def status(app: AppContext, as_json: bool, watch: bool) -> None:
     """What the daemon is doing: waiting (and why), training (step, loss, ETA), data and checkpoint."""
-    if watch is None:
+    if not watch:
         _print_status(_ask(app, "status"), as_json)
         return
+    endpoint = app.endpoint()
     interactive = sys.stdout.isatty() and not as_json
+    first = True
     try:
-        while True:
-            reply = _ask(app, "status")
+        for line in Client(endpoint.socket_path, endpoint.request_timeout_s + 60).watch(WATCH_HEARTBEAT_S):
+            if as_json:
+                click.echo(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
+                continue
+            if line.get("event") != "status":
+                continue  # a heartbeat: nothing changed
             if interactive:
                 click.clear()
-            _print_status(reply, as_json)
-            time.sleep(max(0.2, watch))
+            elif not first:
+                click.echo("")
+            first = False
+            click.echo(format_status(line))
     except KeyboardInterrupt:
         pass
 
@@ -143,10 +156,12 @@ def _print_status(reply: dict[str, Any], as_json: bool) -> None:
 
 def _simple(cmd: str, doc: str, message: Callable[[dict[str, Any]], str]) -> click.Command:
     @click.command(name=cmd, help=doc)
+    @click.option("--json", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")
     @pass_app
     @client_errors
-    def command(app: AppContext) -> None:
-        click.echo(message(_ask(app, cmd)))
+    def command(app: AppContext, as_json: bool) -> None:
+        reply = _ask(app, cmd)
+        click.echo(json.dumps(reply, indent=2, ensure_ascii=False) if as_json else message(reply))
 
     return command
 
@@ -178,14 +193,18 @@ def history(app: AppContext, sessions: int, events: int, as_json: bool) -> None:
 @click.option("--away/--back", "away", required=True, help="The user is away (screen off) / back.")
 @click.option("--for", "minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MINUTES",
               help="The signal expires after MINUTES (default: until the next signal).")
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")
 @pass_app
 @client_errors
-def signal_cmd(app: AppContext, away: bool, minutes: float | None) -> None:
+def signal_cmd(app: AppContext, away: bool, minutes: float | None, as_json: bool) -> None:
     """Tell the daemon the user is away (screen off) or back, e.g. from Tasker."""
     args: dict[str, Any] = {"away": away}
     if minutes is not None:
         args["expires_in_s"] = minutes * 60
     reply = _ask(app, "signal", **args)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2, ensure_ascii=False))
+        return
     until = f" until {reply['expires_at']}" if reply.get("expires_at") else ""
     click.echo(("away" if away else "back") + until)
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,59 +11,12 @@ from typing import Any
 import click
 
 from pocketd.ingest import pipeline as ingest_pipeline
-from pocketd.ingest.forget import forget as forget_documents
-from pocketd.ingest.forget import resolve as resolve_documents
 from pocketd.ingest.pipeline import ingest_paths
 from pocketd.ingest.report import IngestReport, plural
 from pocketd.store import Stats, Store
 
 from .cli_context import AppContext, pass_app
-
-
-def _forget_checkpoints(app: AppContext, store: Store, document_ids: Sequence[int]) -> int | None:
-    """Drop every logged step whose batch held a forgotten document; rebuild the current checkpoint without them.
-
-    Only the log is rewritten here (no model needed); returns the rebuilt current
-    checkpoint's id, whose hashes `_record_rebuilt_hashes` records once the
-    documents are gone (None: nothing to record).
-    """
-    from pocketd.trainer.forget import plan_forget, rebuild_without
-
-    plan = plan_forget(store, list(document_ids))
-    if not plan.affected:
-        return None
-    result = rebuild_without(store, plan)
-    by_step = set(plan.affected) - plan.tainted
-    if by_step:
-        click.echo(f"dropped {plural(sum(len(plan.affected[c]) for c in by_step), 'training step')} that used "
-                   f"these documents from {plural(len(by_step), 'checkpoint')}")
-    if plan.tainted:
-        click.echo(f"dropped {plural(len(plan.tainted), 'side checkpoint')} trained on these documents "
-                   "(side tensors cannot drop single steps)")
-    if result.fell_back:
-        click.echo(("the current checkpoint is now "
-                    + (f"checkpoint {result.current_id}" if result.current_id else "the base model"))
-                   + "; the next training session retrains the side part without these documents")
-    return result.current_id if result.rebuilt else None
-
-
-def _record_rebuilt_hashes(app: AppContext, store: Store, checkpoint_id: int) -> None:
-    """Replay the rebuilt chain once and store its hashes, so `checkpoint verify` covers it."""
-    from pocketd.trainer.forget import record_hashes
-
-    cfg = app.loaded.config
-    record_hashes(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id)
-    click.echo(f"rebuilt the current checkpoint without them: checkpoint {checkpoint_id}")
-
-
-def _clear_activation_cache(app: AppContext) -> None:
-    """Cached activations are derived from the text: forgetting documents drops the whole cache."""
-    from pocketd.trainer.config import activation_cache_dir
-
-    path = activation_cache_dir(app.loaded.config.paths.cache_dir)
-    if path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-        click.echo(f"cleared the activation cache ({path})")
+from .forgetting import forget as forget_documents
 
 
 def sample_dir() -> Path:
@@ -128,19 +79,27 @@ def _stats_dict(stats: Stats, app: AppContext) -> dict[str, Any]:
 
 
 def _echo_stats(stats: Stats, app: AppContext) -> None:
-    click.echo(f"database    {app.loaded.config.paths.database}")
-    click.echo(f"documents   {stats.documents:,}")
-    click.echo(f"examples    {stats.examples:,}  (train {stats.train_examples:,}, "
-               f"validation {stats.validation_examples:,}, untrained {stats.untrained_examples:,})")
-    click.echo(f"characters  {stats.chars:,}")
+    """The figures in at most 60 columns (statusfmt.WIDTH; a path longer than that is never cut)."""
+    from .statusfmt import WIDTH, fit
+
+    lines = [f"database    {app.loaded.config.paths.database}", f"documents   {stats.documents:,}",
+             f"examples    {stats.examples:,}  (train {stats.train_examples:,}, "
+             f"validation {stats.validation_examples:,}, untrained {stats.untrained_examples:,})",
+             f"characters  {stats.chars:,}"]
     sources = [s for s in stats.sources if s.documents]
-    if not sources:
-        return
-    click.echo("sources:")
-    width = max(len(s.name) for s in sources)
-    click.echo(f"  {'name':<{width}}  {'kind':<6}  {'documents':>9}  {'examples':>8}  {'characters':>10}")
-    for s in sources:
-        click.echo(f"  {s.name:<{width}}  {s.kind:<6}  {s.documents:>9,}  {s.examples:>8,}  {s.chars:>10,}")
+    if sources:
+        lines.append("sources:")
+        width = max(4, *(len(s.name) for s in sources))
+        if 2 + width + 36 <= WIDTH:  # a table: name, kind, documents, examples, characters
+            lines.append(f"  {'name':<{width}}  {'kind':<6}  {'docs':>6}  {'examples':>8}  {'chars':>8}")
+            lines += [f"  {s.name:<{width}}  {s.kind:<6}  {s.documents:>6,}  {s.examples:>8,}  {s.chars:>8,}"
+                      for s in sources]
+        else:  # long names: the name on a line of its own, its figures below
+            for s in sources:
+                lines += [f"  {s.name}", f"      {s.kind}: {s.documents:,} documents, {s.examples:,} examples, "
+                                         f"{s.chars:,} characters"]
+    for line in fit(lines, WIDTH):
+        click.echo(line)
 
 
 @click.command()
@@ -150,10 +109,19 @@ def stats(app: AppContext, as_json: bool) -> None:
     """Show what is stored: documents, examples, characters, splits, sources."""
     with app.open_store() as store:
         figures = store.docs.stats()
+        snapshots = store.snapshots.sizes()
+    snapshot_bytes = sum(snapshots.values())
     if as_json:
-        click.echo(json.dumps(_stats_dict(figures, app), indent=2, ensure_ascii=False))
+        out = _stats_dict(figures, app)
+        out["snapshots"], out["snapshot_bytes"] = len(snapshots), snapshot_bytes
+        click.echo(json.dumps(out, indent=2, ensure_ascii=False))
     else:
         _echo_stats(figures, app)
+        from .statusfmt import fit  # 60 columns (issue 15)
+
+        for line in fit([f"snapshots   {len(snapshots)} ({snapshot_bytes:,} bytes of verified tensors beside the "
+                         "seed log)"]):
+            click.echo(line)
 
 
 @click.command()
@@ -161,22 +129,29 @@ def stats(app: AppContext, as_json: bool) -> None:
               help="A document id or a content-hash prefix (6+ hex digits); repeatable.")
 @click.option("--source", "sources", multiple=True, metavar="NAME",
               help="Every document of this source (as `pocketd stats` names it); repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (the socket's `forget` reply).")
 @pass_app
-def forget(app: AppContext, documents: tuple[str, ...], sources: tuple[str, ...]) -> None:
-    """Delete documents and their training examples, without asking."""
+def forget(app: AppContext, documents: tuple[str, ...], sources: tuple[str, ...], as_json: bool) -> None:
+    """Delete documents, their examples and every training step that saw them, without asking.
+
+    A chain rebuilt without them is replayed here once to record its hashes (this loads the model).
+    """
     if not documents and not sources:
         raise click.UsageError("give --document ID or --source NAME")
+    config = app.loaded.config
+
+    def record_hashes(store: Store, checkpoint_id: int) -> None:
+        from pocketd.trainer.rehash import record_rebuilt_hashes
+
+        record_rebuilt_hashes(store, config.trainer, config.paths.cache_dir, checkpoint_id)
+
     with app.open_store() as store:
-        targets = resolve_documents(store, documents, sources)
-        rebuilt = _forget_checkpoints(app, store, [d.id for d in targets])
-        result = forget_documents(store, documents=[str(d.id) for d in targets])
-        if rebuilt is not None:
-            _record_rebuilt_hashes(app, store, rebuilt)
-    _clear_activation_cache(app)
-    for d in result.documents:
-        click.echo(f"deleted document {d.id} ({d.content_hash[:12]}, {plural(d.n_examples, 'example')}, "
-                   f"source {d.source}, from {d.origin})")
-    click.echo(f"deleted {plural(len(result.documents), 'document')}")
+        report = forget_documents(store, config, documents=documents, sources=sources, record_hashes=record_hashes)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        for line in report.lines():
+            click.echo(line)
 
 
 @click.command()

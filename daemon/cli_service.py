@@ -34,7 +34,7 @@ def install_service(app: AppContext, kind: str | None, dry_run: bool, force: boo
     try:
         files = services.install_service(chosen, dry_run=dry_run, force=force,
                                          memory_budget_mb=config.policy.memory_budget_mb,
-                                         stop_grace_s=config.daemon.stop_grace_s)
+                                         stop_grace_s=config.daemon.stop_grace_s, paths=config.paths)
     except ServiceInstallError as e:
         click.echo(f"pocketd: error: {e}", err=True)
         sys.exit(1)
@@ -49,7 +49,8 @@ def install_service(app: AppContext, kind: str | None, dry_run: bool, force: boo
     click.echo(("Then run: " if dry_run else "Next: ") + " && ".join(steps))
     if chosen is ServiceKind.TERMUX:
         click.echo("(needs `pkg install termux-services termux-api`; restart Termux once after installing "
-                   "termux-services. For start at boot, install the Termux:Boot app and open it once.)")
+                   "termux-services. For start at boot, install the Termux:Boot app and open it once. "
+                   "The ~/.termux/tasker/pocketd-* scripts are for the Termux:Tasker plugin; see the README.)")
     else:
         click.echo('(to keep it running while logged out: loginctl enable-linger "$USER")')
 

@@ -41,14 +41,26 @@ def _fmt_status(s: Any) -> str:
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation gate (the candidate stays a candidate).")
 @pass_app
 def train(app: AppContext, minutes: float | None, steps: int | None, no_eval: bool) -> None:
-    """Run one training session in the foreground (Ctrl-C finishes the step and stops)."""
-    from pocketd.store import make_private_dir
-    from pocketd.trainer.session import run_session
+    """Run one training session in the foreground (Ctrl-C finishes the step and stops).
+
+    Refuses at once (before loading anything) if a daemon or another `pocketd train` uses the database.
+    """
+    from pocketd.store import DataLock
+
+    from .config import check_locations
 
     if minutes is None and steps is None:
         minutes = app.loaded.config.policy.max_session_minutes
     job = _job(app, minutes, steps, not no_eval)
-    make_private_dir(job.database.parent)
+    check_locations(app.loaded.config.paths)
+    with DataLock.acquire(job.database, "pocketd train"):  # creates the data folder 0700 if missing
+        _train_locked(job)
+
+
+def _train_locked(job: Any) -> None:
+    """`pocketd train`'s session, run while holding the database's trainer lock."""
+    from pocketd.trainer.session import run_session
+
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     last_phase = [""]
@@ -60,8 +72,13 @@ def train(app: AppContext, minutes: float | None, steps: int | None, no_eval: bo
         if s.phase == "training" and s.step:
             click.echo(_fmt_status(s), err=True)
 
+    from pocketd.trainer.errors import Stopped
+
     try:
         out = run_session(job, stop, on_status)
+    except Stopped as e:  # Ctrl-C while loading, converting, tokenizing, replaying or evaluating
+        click.echo(f"session: {e}")
+        return
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -122,17 +139,28 @@ def checkpoint() -> None:
 
 
 @checkpoint.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print the checkpoints as a JSON list.")
 @pass_app
-def ck_list(app: AppContext) -> None:
+def ck_list(app: AppContext, as_json: bool) -> None:
     """All checkpoints, newest last."""
+    from .statusfmt import WIDTH, fit, when
+
     with app.open_store() as store:
         cks = store.log.list()
+    if as_json:
+        click.echo(json.dumps([{k: (v.value if hasattr(v, "value") else v) for k, v in c.__dict__.items()}
+                               for c in cks], indent=2, ensure_ascii=False))
+        return
     if not cks:
         click.echo("no checkpoints yet")
+        return
+    click.echo(f"{'id':>4}  {'status':<10}{'parent':>6}  {'steps':>7}  {'val loss':>8}  created")
     for c in cks:
         vl = f"{c.val_loss:.4f}" if c.val_loss is not None else "-"
-        click.echo(f"{c.id:>4}  {c.status.value:<10} parent {str(c.parent_id or '-'):>4}  steps {c.n_steps:>6}  "
-                   f"val {vl:>8}  {c.created_at}  {c.note or ''}")
+        click.echo(f"{c.id:>4}  {c.status.value:<10}{str(c.parent_id or '-'):>6}  {c.n_steps:>7}  {vl:>8}  "
+                   f"{when(c.created_at)}")
+        for line in fit([f"      {c.note}"] if c.note else [], WIDTH):
+            click.echo(line)
 
 
 @checkpoint.command(name="show")
@@ -144,10 +172,14 @@ def ck_show(app: AppContext, checkpoint_id: int) -> None:
         c = store.log.get(checkpoint_id)
         chain = store.log.chain(checkpoint_id)
         hashes = store.log.hashes(checkpoint_id)
+        snaps = store.snapshots.sizes()
+        snap = store.snapshots.get(checkpoint_id) if checkpoint_id in snaps else None
     d = {k: (v.value if hasattr(v, "value") else v) for k, v in c.__dict__.items()}
     d["chain"] = [x.id for x in chain]
     d["chain_steps"] = sum(x.n_steps for x in chain)
     d["hashes_at"] = sorted(hashes)
+    d["snapshot"] = {"n_steps": snap.n_steps, "bytes": len(snap.data)} if snap is not None else None
+    d["snapshot_bytes_on_chain"] = sum(snaps.get(x.id, 0) for x in chain)
     click.echo(json.dumps(d, indent=2))
 
 
@@ -159,12 +191,25 @@ def ck_verify(app: AppContext, checkpoint_id: int) -> None:
     from pocketd.trainer.checkpoints import load_checkpoint
     from pocketd.trainer.registry import method_of
 
+    from pocketd.trainer.forget import unhashed
+
     cfg = app.loaded.config
     with app.open_store() as store:
         total = sum(c.n_steps for c in store.log.chain(checkpoint_id))
+        pending = unhashed(store, checkpoint_id)
+        final_hashed = store.log.get(checkpoint_id).n_steps in store.log.hashes(checkpoint_id)
         with click.progressbar(length=max(total, 1), label="replaying", file=sys.stderr) as bar:
             _, _, ck = load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id, verify=True,
-                                       progress=lambda done, _t: bar.update(1))
+                                       progress=lambda done, _t: bar.update(1), snapshots=False)
+    if pending:  # rebuilt by forget through the socket: nothing to compare the replay with yet
+        click.echo(f"checkpoint {checkpoint_id}: NOT verified: unverified (no hashes): {total} steps replay without "
+                   "error, but nothing records the weights they should give (a chain rebuilt by forget: the next "
+                   "training session records its hash; or a file imported without hashes)")
+        sys.exit(1)
+    if not final_hashed:  # e.g. imported from a file without hashes: the replay has nothing to match
+        click.echo(f"checkpoint {checkpoint_id}: unverified (no hashes): {total} steps replay without error, "
+                   "but nothing records the weights they should give")
+        sys.exit(1)
     what = method_of(ck).verified(ck, total) if ck is not None else f"{total} steps"
     click.echo(f"checkpoint {checkpoint_id}: ok ({what})")
 
@@ -189,7 +234,9 @@ def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool) -> N
 @click.argument("file", type=click.Path(path_type=Path))
 @pass_app
 def ck_import(app: AppContext, file: Path) -> None:
-    """Import a checkpoint file, verify it (replay, or the side tensors' hash), and make it current."""
+    """Import a checkpoint file: check it, rebuild it (replay, or the side tensors) and compare the hashes it
+    carries, then gate it like a session: it becomes current only if validation loss improves (else it is
+    kept as rejected). A file that does not verify is refused and nothing is stored."""
     from pocketd.trainer.transfer import import_checkpoint, read_checkpoint_file
 
     data = read_checkpoint_file(file)
@@ -197,8 +244,9 @@ def ck_import(app: AppContext, file: Path) -> None:
     with app.open_store() as store:
         report = import_checkpoint(store, data, cfg.trainer, cfg.paths.cache_dir, name=str(file),
                                    note=f"imported from {file.name}")
-    click.echo(f"imported {file} as checkpoint {report.checkpoint_id} ({report.n_steps} steps, verified, "
-               "now current)")
+    verdict = "now current" if report.promoted else "kept as rejected, the current checkpoint is unchanged"
+    click.echo(f"imported {file} as checkpoint {report.checkpoint_id} ({report.n_steps} steps, "
+               f"{report.verification.value}; {report.reason}): {verdict}")
 
 
 COMMANDS = [train, eval_cmd, checkpoint]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .protocol import decode_reply, encode, unix_address
+from .wire import decode_reply, encode, unix_address
 
 _MAX_REPLY_BYTES = 64 << 20
 
@@ -17,11 +19,28 @@ class ClientError(Exception):
     """Base of the client's errors."""
 
 
-class DaemonNotRunning(ClientError):
-    """Nothing listens on the socket."""
+def start_hint(environ: Mapping[str, str] | None = None) -> str:
+    """How to start pocketd as it was installed: `sv up pocketd` for a termux-services (runit) service
+    ($PREFIX/var/service/pocketd), `systemctl --user start pocketd` for a systemd user unit
+    ($XDG_CONFIG_HOME/systemd/user/pocketd.service), else `pocketd run`. Two stat calls, no imports."""
+    env = os.environ if environ is None else environ
+    prefix = env.get("PREFIX", "")
+    if os.path.isabs(prefix) and os.path.isdir(os.path.join(prefix, "var", "service", "pocketd")):
+        return "sv up pocketd"
+    config_home = env.get("XDG_CONFIG_HOME", "")
+    if not os.path.isabs(config_home):  # unset or relative: the XDG default
+        home = env.get("HOME", "")
+        config_home = os.path.join(home, ".config") if os.path.isabs(home) else ""
+    if config_home and os.path.isfile(os.path.join(config_home, "systemd", "user", "pocketd.service")):
+        return "systemctl --user start pocketd"
+    return "pocketd run"
 
-    def __init__(self, path: Path, detail: str = "no socket") -> None:
-        super().__init__(f"pocketd is not running ({detail} at {path}); start it with `pocketd run`")
+
+class DaemonNotRunning(ClientError):
+    """Nothing listens on the socket. The message says how to start it (see `start_hint`)."""
+
+    def __init__(self, path: Path, detail: str = "no socket", hint: str | None = None) -> None:
+        super().__init__(f"pocketd is not running ({detail} at {path}); start it with `{hint or start_hint()}`")
         self.path = path
 
 
@@ -128,11 +147,43 @@ class Client:
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
         """Send a command; the reply on success, DaemonError on an error reply."""
-        reply = self.raw({"cmd": cmd, **args})
-        if not reply["ok"]:
-            error = reply.get("error") or {}
-            raise DaemonError(str(error.get("code", "unknown")), str(error.get("message", "error")))
-        return reply
+        return _checked(self.raw({"cmd": cmd, **args}))
+
+    def watch(self, heartbeat_s: float = 15.0) -> Iterator[dict[str, Any]]:
+        """Send `watch` and yield its lines (`event` "status" or "heartbeat") as they come, until the
+        caller stops iterating (the connection is then closed) or the stream fails: DaemonError for an
+        error line, ClientError when the daemon closes the connection (it stopped) or says nothing for
+        twice the heartbeat interval."""
+        first = self.request("watch", heartbeat_s=heartbeat_s)
+        sock = self._sock
+        if sock is None:  # pragma: no cover - request() connected
+            raise ClientError("not connected")
+        sock.settimeout(max(self.timeout_s, 2 * heartbeat_s + 5))
+        try:
+            yield first
+            while True:
+                try:
+                    line = self._read_line(sock)
+                except socket.timeout:
+                    raise ClientError(f"pocketd sent nothing for {2 * heartbeat_s + 5:g} s (no heartbeat)") from None
+                except ClientError:
+                    raise ClientError("pocketd closed the watch (the daemon stopped)") from None
+                except OSError as e:
+                    raise ClientError(f"connection to pocketd lost: {e.strerror or e}") from e
+                try:
+                    reply = decode_reply(line)
+                except ValueError as e:
+                    raise BadReply(f"unreadable line from pocketd: {e}") from e
+                yield _checked(reply)
+        finally:
+            self.close()
+
+
+def _checked(reply: dict[str, Any]) -> dict[str, Any]:
+    if not reply["ok"]:
+        error = reply.get("error") or {}
+        raise DaemonError(str(error.get("code", "unknown")), str(error.get("message", "error")))
+    return reply
 
 
 def request(path: Path, cmd: str, timeout_s: float = 30.0, **args: Any) -> dict[str, Any]:

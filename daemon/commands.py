@@ -12,17 +12,22 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 from importlib import metadata
 from typing import Any
 
 import psutil
 
-from pocketd.store import StoreError
+from pocketd.store import DocumentNotFound, SourceNotFound, StoreError
 
 from .control import DaemonControl, TrainingSnapshot
 from .protocol import (
+    MAX_ID_CHARS,
+    PROTOCOL_VERSION,
+    Busy,
     Command,
     ErrorCode,
+    ForgetArgs,
     HistoryArgs,
     IngestArgs,
     NoArgs,
@@ -30,8 +35,12 @@ from .protocol import (
     Request,
     SignalArgs,
     State,
+    Stream,
+    WatchArgs,
+    command_schemas,
     ok_reply,
 )
+from .watching import MAX_WATCHERS, StatusWatch
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +61,42 @@ class Commands:
         self.daemon = daemon
         self._process = psutil.Process()
         self._version = _version()
+        self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
 
-    def dispatch(self, request: Request) -> dict[str, Any]:
+    def dispatch(self, request: Request) -> dict[str, Any] | Stream:
         handler = getattr(self, request.cmd.handler_name)
         try:
-            return handler(request.args)
+            return handler(request.args)  # type: ignore[no-any-return]  # getattr: Any
         except StoreError as e:
             raise ProtocolError(str(e), ErrorCode.STORE_ERROR) from e
+        finally:
+            if request.cmd not in _READ_ONLY:
+                self.daemon.changes.bump()  # pause, signal, ingest, ...: `watch` streams see it at once
 
     # -- commands ------------------------------------------------------------------------------
+
+    def cmd_version(self, args: NoArgs) -> dict[str, Any]:
+        """The protocol and pocketd versions, and every command with its arguments' JSON schema."""
+        return ok_reply(
+            protocol=PROTOCOL_VERSION,
+            pocketd=self._version,
+            request={"cmd": "the command's name", "id": f"optional: a string of at most {MAX_ID_CHARS} characters "
+                     "or an integer, echoed in every reply line", "arguments": "the command's, beside cmd and id"},
+            commands=command_schemas(),
+            limits={"watchers": MAX_WATCHERS},
+        )
+
+    def cmd_watch(self, args: WatchArgs) -> Stream:
+        """The status now, then a line per change and a heartbeat after heartbeat_s quiet seconds (watching.py)."""
+        if not self._watchers.acquire(blocking=False):
+            raise Busy(f"too many watchers (at most {MAX_WATCHERS}); close one or use status")
+        try:
+            watch = StatusWatch(lambda: self.cmd_status(NoArgs()), self.daemon.changes, args.heartbeat_s,
+                                on_close=self._watchers.release)
+        except BaseException:
+            self._watchers.release()
+            raise
+        return watch.stream()
 
     def cmd_status(self, args: NoArgs) -> dict[str, Any]:
         snap = self.daemon.snapshot()
@@ -127,9 +163,21 @@ class Commands:
         return ok_reply(sessions=[dataclasses.asdict(x) for x in page.sessions],
                         events=[dataclasses.asdict(e) for e in page.events])
 
+    def cmd_forget(self, args: ForgetArgs) -> dict[str, Any]:
+        """Forget documents as `pocketd forget` does (a running session is stopped first); the reply is
+        the report (`ForgetReport.to_dict()`, the same as `pocketd forget --json`)."""
+        try:
+            report = self.daemon.forget([str(d) for d in args.documents], list(args.sources))
+        except (DocumentNotFound, SourceNotFound) as e:
+            raise ProtocolError(f"{e} (nothing was forgotten)", ErrorCode.NOT_FOUND) from e
+        return ok_reply(**report.to_dict())
+
     def cmd_shutdown(self, args: NoArgs) -> dict[str, Any]:
         self.daemon.request_shutdown("shutdown command")
         return ok_reply(stopping=True)
+
+
+_READ_ONLY = frozenset({Command.VERSION, Command.STATUS, Command.WATCH, Command.HISTORY})
 
 
 def _training(t: TrainingSnapshot) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,18 +16,18 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import platformdirs
 from pydantic import BaseModel, ValidationError
 
-from .settings import APP, SECTIONS, PocketdConfig
+from pocketd.store.errors import UnsafeLocation
+from pocketd.store.private import Kind, check_owned
+
+from .locations import ENV_CONFIG, ENV_PREFIX, default_config_path  # one definition, shared with the client
+from .settings import SECTIONS, PathsConfig, PocketdConfig, short_repr
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-ENV_PREFIX = "POCKETD_"
-ENV_CONFIG = "POCKETD_CONFIG"  # path of the config file (not a setting)
 
 
 class ConfigError(Exception):
@@ -45,12 +46,53 @@ class LoadedConfig:
         return self.origins.get(dotted, "default")
 
 
-def default_config_path() -> Path:
-    return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+def check_config_file(path: Path) -> None:
+    """Refuse a config file that another user could have written (ConfigError naming it and the fix).
+
+    As ssh does for its files: the file must be a regular file owned by the user (or root) and not
+    writable by group or others, and its folder must not let others replace it (owned by the user or
+    root; writable by others only if sticky, like /tmp). A missing file is left to the reader.
+    """
+    try:
+        check_owned(path, "config file", Kind.FILE, root_ok=True)
+    except FileNotFoundError:
+        return
+    except UnsafeLocation as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from e
+    folder = Path(os.path.realpath(path)).parent
+    st = folder.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"{path}: the config file's folder {folder} belongs to another user (uid {st.st_uid}), "
+                          "who could replace the file; keep it in a folder of your own")
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise ConfigError(f"{path}: the config file's folder {folder} is writable by others (mode {mode:04o}), "
+                          f"who could replace the file; fix: chmod go-w {folder}")
+
+
+def check_locations(paths: PathsConfig) -> None:
+    """Refuse existing data/state/cache folders that are not the user's own or that others may write to.
+
+    ConfigError naming the setting, the folder and the fix. Missing folders are fine: pocketd
+    creates them 0700. (The runtime folder is checked where the socket is made, daemon.server.)
+    """
+    for name in ("data_dir", "state_dir", "cache_dir"):
+        folder: Path = getattr(paths, name)
+        if not folder.exists() and not folder.is_symlink():
+            continue
+        try:
+            check_owned(folder, "folder", Kind.DIRECTORY)
+        except UnsafeLocation as e:
+            raise ConfigError(f"paths.{name}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"paths.{name}: {folder}: {e.strerror or e}") from e
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML config file; ConfigError naming the file on any problem."""
+    """Parse a TOML config file; ConfigError naming the file on any problem (an unsafe file included)."""
+    check_config_file(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -169,9 +211,9 @@ def _format_errors(e: ValidationError, origins: Mapping[str, str], path: Path | 
             if len(err["loc"]) == 1:
                 reason += f" (sections: {', '.join(SECTIONS)})"
         else:
-            reason = err["msg"]
+            reason = err["msg"].removeprefix("Value error, ")
             if "input" in err and not isinstance(err["input"], dict):
-                reason += f" (got {err['input']!r})"
+                reason += f" (got {short_repr(err['input'])})"
         lines.append(f"{dotted}{_where(dotted, origins, path)}: {reason}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 

@@ -17,6 +17,8 @@ from pocketd.store import Checkpoint, DataCounts
 from pocketd.store.history import Event, Session
 from pocketd.trainer.job import SessionStatus
 
+from .changes import ChangeFeed
+from .forgetting import ForgetReport
 from .protocol import State
 from .readings import Decision, Readings
 from .supervisor import Trigger
@@ -92,6 +94,8 @@ class DaemonControl(Protocol):
     Refusals are ProtocolError subclasses (Conflict, Refused); store failures are StoreError.
     """
 
+    changes: ChangeFeed  # bumped whenever what `snapshot` or `store_summary` return may have changed
+
     def snapshot(self) -> DaemonSnapshot:
         """The in-memory state now."""
         ...
@@ -122,6 +126,11 @@ class DaemonControl(Protocol):
 
     def ingest(self, text: str, source: str, origin: str | None) -> IngestReport:
         """Ingest one text (a rejection is in the report, not raised); wakes the policy check if data was added."""
+        ...
+
+    def forget(self, documents: list[str], sources: list[str]) -> ForgetReport:
+        """Forget documents (daemon.forgetting.forget): a running session is stopped and waited for first,
+        and no session starts until it is done. DocumentNotFound / SourceNotFound: nothing forgotten."""
         ...
 
     def request_shutdown(self, reason: str) -> None:

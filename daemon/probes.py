@@ -21,8 +21,8 @@ import os
 import threading
 from collections.abc import Callable
 from datetime import datetime, time, tzinfo
-from zoneinfo import ZoneInfo
 
+from .localzone import local_zone
 from .probes_power import (
     SYSFS_ROOT,
     TERMUX_COMMAND,
@@ -37,6 +37,7 @@ from .probes_power import (
     unknown_power,
 )
 from .readings import PowerReading, Readings
+from .settings import QUIET_HOURS
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +64,11 @@ def read_load1() -> float | None:
 
 
 def parse_window(window: str) -> tuple[time, time]:
-    """"HH:MM-HH:MM" as (start, end) times; ValueError if malformed."""
-    try:
-        start_s, end_s = (p.strip() for p in window.split("-"))
-        parts = []
-        for s in (start_s, end_s):
-            hh, mm = s.split(":")
-            parts.append(time(int(hh), int(mm)))
-    except (ValueError, AttributeError):
-        raise ValueError(f'{window!r} is not a window like "23:00-07:00"') from None
-    return parts[0], parts[1]
+    """"HH:MM-HH:MM" (ASCII digits, as `policy.quiet_hours` accepts) as (start, end) times; ValueError if not."""
+    if not isinstance(window, str) or not QUIET_HOURS.fullmatch(window):
+        raise ValueError(f'{window!r} is not a window like "23:00-07:00"')
+    start_s, end_s = window.split("-")
+    return time(int(start_s[:2]), int(start_s[3:])), time(int(end_s[:2]), int(end_s[3:]))
 
 
 def in_quiet_hours(now: datetime, window: str | None, tz: tzinfo | None = None) -> bool:
@@ -97,17 +93,12 @@ def in_quiet_hours(now: datetime, window: str | None, tz: tzinfo | None = None) 
 
 
 def resolve_timezone(name: str | None) -> tzinfo:
-    """ZoneInfo(name), or the system's local timezone when `name` is None.
+    """ZoneInfo(name), or when `name` is None the zone `$TZ` names, else the system's (`localzone`).
 
+    Always a zone, never a fixed offset, so quiet hours follow daylight-saving changes.
     Raises ValueError for an unknown name (check it at startup).
     """
-    if name is None:
-        local = datetime.now().astimezone().tzinfo
-        return local if local is not None else ZoneInfo("UTC")
-    try:
-        return ZoneInfo(name)
-    except (ValueError, OSError, KeyError) as e:  # ZoneInfoNotFoundError is a KeyError
-        raise ValueError(f"unknown timezone {name!r}") from e
+    return local_zone(name).zone
 
 
 class AwaySignal:
@@ -207,6 +198,8 @@ def take_readings(
     """
     if now is None:
         now = datetime.now(tz) if tz is not None else datetime.now().astimezone()
+    elif tz is not None:
+        now = now.astimezone(tz)  # an injected clock: the wall-clock time of the zone quiet hours use
     try:
         power = power_probe.read()
         if not isinstance(power, PowerReading):

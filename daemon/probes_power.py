@@ -31,6 +31,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -60,6 +61,8 @@ __all__ = [
     "SYSFS_ROOT",
     "FailureLog",
     "FAILURE_LOG_INTERVAL_S",
+    "BoundedRun",
+    "run_bounded",
 ]
 
 
@@ -259,30 +262,10 @@ class TermuxBatteryProbe(_GuardedProbe):
 
     def _run(self) -> tuple[PowerReading, str | None]:
         """The reading, and why the command failed (None when it ran and printed JSON)."""
-        env = dict(os.environ if self.env is None else self.env)
-        exe = shutil.which(self.command, path=env.get("PATH"))
-        if exe is None:
-            return self._failed("not found on PATH (pkg install termux-api)")
-        try:
-            proc = subprocess.Popen(
-                [exe], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=env, start_new_session=True, close_fds=True,
-            )
-        except OSError as e:
-            reading = unknown_power(self.source, f"cannot run {self.command}: {e.strerror or e}")
-            return reading, f"cannot run it: {e.strerror or e}"
-        try:
-            out, err = proc.communicate(timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return self._failed(f"timed out after {self.timeout_s:g} s", " (is the Termux:API app installed?)")
-        except BaseException:  # never leave the command running behind us
-            _kill_group(proc)
-            raise
-        if proc.returncode != 0:
-            detail = err.decode("utf-8", "replace").strip().splitlines()
-            tail = f": {detail[0][:200]}" if detail else ""
-            return self._failed(f"exited with status {proc.returncode}{tail}")
+        result = run_bounded(self.command, timeout_s=self.timeout_s, env=self.env)
+        if result.failure is not None:
+            return unknown_power(self.source, f"{self.command} {result.failure}"), result.failure + result.hint
+        out = result.stdout
         if len(out) > _MAX_OUTPUT:
             return self._failed(f"printed {len(out)} bytes, too much")
         try:
@@ -291,6 +274,50 @@ class TermuxBatteryProbe(_GuardedProbe):
             snippet = out[:60].decode("utf-8", "replace")
             return self._failed(f"printed invalid JSON: {snippet!r}")
         return parse_termux_battery(data), None
+
+
+@dataclass(frozen=True)
+class BoundedRun:
+    """What `run_bounded` saw: `failure` None when the command ran and exited 0 (then `stdout` holds its
+    output); otherwise a phrase for "<command> <failure>" ("timed out after 10 s") and a `hint`."""
+
+    failure: str | None
+    stdout: bytes = b""
+    hint: str = ""
+
+
+def run_bounded(command: str, *args: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+                env: Mapping[str, str] | None = None, input_bytes: bytes | None = None) -> BoundedRun:
+    """Run a termux-api style command (`command` looked up on env's PATH) and wait at most `timeout_s`.
+
+    The command runs in its own process group, which is SIGKILLed on timeout: termux-api commands
+    wait forever when the Termux:API app is missing. Never raises for a missing, failing or hanging
+    command (that is in the result); returns within about `timeout_s` + 2 s.
+    """
+    env = dict(os.environ if env is None else env)
+    exe = shutil.which(command, path=env.get("PATH"))
+    if exe is None:
+        return BoundedRun("not found on PATH (pkg install termux-api)")
+    try:
+        proc = subprocess.Popen(
+            [exe, *args], stdin=subprocess.PIPE if input_bytes is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True, close_fds=True,
+        )
+    except OSError as e:
+        return BoundedRun(f"cannot be run: {e.strerror or e}")
+    try:
+        out, err = proc.communicate(input=input_bytes, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        return BoundedRun(f"timed out after {timeout_s:g} s", hint=" (is the Termux:API app installed?)")
+    except BaseException:  # never leave the command running behind us
+        _kill_group(proc)
+        raise
+    if proc.returncode != 0:
+        detail = err.decode("utf-8", "replace").strip().splitlines()
+        tail = f": {detail[0][:200]}" if detail else ""
+        return BoundedRun(f"exited with status {proc.returncode}{tail}")
+    return BoundedRun(None, out)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -306,8 +333,8 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         proc.wait(timeout=2)
     except subprocess.TimeoutExpired:
-        log.error("%s (pid %d) did not die after SIGKILL", TERMUX_COMMAND, proc.pid)
-    for pipe in (proc.stdout, proc.stderr):
+        log.error("%s (pid %d) did not die after SIGKILL", proc.args[0] if proc.args else "command", proc.pid)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:
             try:
                 pipe.close()

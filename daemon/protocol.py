@@ -1,32 +1,38 @@
 """The control-socket protocol: newline-delimited JSON, one request object -> one reply object.
 
-Request: `{"cmd": "<name>", ...args}`. Reply: `{"ok": true, ...}` or
-`{"ok": false, "error": {"code": "<code>", "message": "..."}}`.
+Request: `{"cmd": "<name>", "id": <optional>, ...args}`. Reply: `{"ok": true, ...}` or
+`{"ok": false, "error": {"code": "<code>", "message": "..."}}`, with the request's `id` (a string
+or an integer, if it gave a valid one) echoed in every reply line. A connection carries any number
+of requests, one after another; `watch` turns its connection into a stream of lines (see `Stream`).
 
-This module is shared by the server and the client; it opens no sockets.
+The request models and error codes; it opens no sockets. The client needs only the wire format
+(`wire`, re-exported here), so it does not load pydantic.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterator
 from enum import Enum
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SOCKET_NAME = "pocketd.sock"
-LOCK_NAME = "pocketd.lock"
-MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the NUL
+# The wire format (names, JSON lines, addresses) lives in `wire`, which the client imports alone;
+# re-exported here for the server and the tests.
+from .wire import LOCK_NAME, MAX_UNIX_PATH, SOCKET_NAME, decode_reply, encode, unix_address  # noqa: F401
+
+
+PROTOCOL_VERSION = 2  # 1: request/reply only; 2: `version`, request `id`, `watch`, persistent connections
+MAX_ID_CHARS = 128
+MAX_ID_INT = 2**53  # integers a JSON client in any language reads exactly
 
 
 class Command(str, Enum):
+    VERSION = "version"
     STATUS = "status"
+    WATCH = "watch"
     PAUSE = "pause"
     RESUME = "resume"
     TRAIN_NOW = "train-now"
@@ -34,11 +40,38 @@ class Command(str, Enum):
     INGEST = "ingest"
     SIGNAL = "signal"
     HISTORY = "history"
+    FORGET = "forget"
     SHUTDOWN = "shutdown"
 
     @property
     def handler_name(self) -> str:
         return "cmd_" + self.value.replace("-", "_")
+
+    @property
+    def description(self) -> str:
+        return DESCRIPTIONS[self]
+
+    @property
+    def streams(self) -> bool:
+        """Whether the reply is a stream of lines (until the client closes) rather than one line."""
+        return self is Command.WATCH
+
+
+DESCRIPTIONS: dict[Command, str] = {
+    Command.VERSION: "the protocol and pocketd versions and every command with its argument schema",
+    Command.STATUS: "what the daemon is doing: state, reasons, training progress, data, checkpoint, device",
+    Command.WATCH: "a stream: the status now, then a status line on every change and a heartbeat line "
+                   "after heartbeat_s quiet seconds, until the client closes the connection",
+    Command.PAUSE: "stop training (a running session stops after its step) until resume; persists",
+    Command.RESUME: "let the policy start sessions again",
+    Command.TRAIN_NOW: "start a session now if memory allows, ignoring charging and idleness",
+    Command.STOP_TRAINING: "stop the running session after its current step",
+    Command.INGEST: "store one text (the ingest report: added, duplicate or rejected)",
+    Command.SIGNAL: "the user is away (screen off) or back, optionally expiring",
+    Command.HISTORY: "recent training sessions and events, newest first",
+    Command.FORGET: "forget documents by id or hash prefix, or whole sources (a running session stops first)",
+    Command.SHUTDOWN: "stop the daemon cleanly",
+}
 
 
 class ErrorCode(str, Enum):
@@ -53,6 +86,7 @@ class ErrorCode(str, Enum):
     REFUSED = "refused"  # the daemon will not do it now (train-now without memory, ...)
     CONFLICT = "conflict"  # wrong state (already training, not training, shutting down)
     INGEST_FAILED = "ingest_failed"  # the ingest library rejected the text
+    NOT_FOUND = "not_found"  # forget: a document id / hash prefix or source name matches nothing (nothing forgotten)
     STORE_ERROR = "store_error"
     INTERNAL = "internal"  # a bug: logged with a traceback by the daemon
 
@@ -77,9 +111,10 @@ class ProtocolError(Exception):
         super().__init__(message)
         if code is not None:
             self.code = code
+        self.request_id: str | int | None = None  # the request's valid id, if it had one (echoed)
 
     def reply(self) -> dict[str, Any]:
-        return error_reply(self.code, str(self))
+        return with_id(error_reply(self.code, str(self)), self.request_id)
 
 
 class BadJson(ProtocolError):
@@ -151,17 +186,74 @@ class HistoryArgs(Args):
     events: int = Field(20, ge=0, le=1000)
 
 
+class WatchArgs(Args):
+    heartbeat_s: float = Field(15.0, ge=1, le=3600, allow_inf_nan=False,
+                               description="a heartbeat line after this many seconds without a line")
+
+
+class ForgetArgs(Args):
+    """`forget`: documents by id (a number, or its text) or content-hash prefix, and whole sources; at least one."""
+
+    documents: list[Annotated[str, Field(min_length=1, max_length=64)] | Annotated[int, Field(ge=1, le=2**62)]] = \
+        Field(default_factory=list, max_length=1000)
+    sources: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list, max_length=100)
+
+    @model_validator(mode="after")
+    def _something(self) -> "ForgetArgs":
+        if not self.documents and not self.sources:
+            raise ValueError("give documents (ids or hash prefixes) or sources (names)")
+        return self
+
+
 ARGS: dict[Command, type[Args]] = {
     Command.INGEST: IngestArgs,
+    Command.FORGET: ForgetArgs,
     Command.SIGNAL: SignalArgs,
     Command.HISTORY: HistoryArgs,
+    Command.WATCH: WatchArgs,
 }
+
+
+def args_model(cmd: Command) -> type[Args]:
+    return ARGS.get(cmd, NoArgs)
+
+
+def command_schemas() -> list[dict[str, Any]]:
+    """Every command with its description, whether it streams, and its arguments' JSON schema."""
+    out = []
+    for cmd in Command:
+        schema = args_model(cmd).model_json_schema()
+        schema.pop("title", None)
+        out.append({"name": cmd.value, "description": cmd.description, "streams": cmd.streams,
+                    "arguments": schema})
+    return out
+
+
+RequestId = str | int
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
     cmd: Command
     args: Args
+    id: RequestId | None = None  # the client's id, echoed in every reply line
+
+
+@dataclasses.dataclass(eq=False)  # compared and hashed by identity (the server keeps a set of them)
+class Stream:
+    """A streaming reply (`watch`): the server sends `first`, then each line of `lines` as it comes.
+
+    `lines` yields a reply dict to send, or None when it has nothing to send yet (at least once a
+    second): the server then checks that the client is still there and that it is not closing. The
+    stream ends when `lines` ends, the client closes the connection (a half-close, as `nc -N` does
+    after its input, is not an end) or the server closes; the server then calls `close()` once.
+    `cancel()` may be called from another thread (the server's close) to end it promptly.
+    """
+
+    first: dict[str, Any]
+    lines: Iterator[dict[str, Any] | None]
+    close: Callable[[], None] = lambda: None
+    cancel: Callable[[], None] = lambda: None
 
 
 def parse_request(line: bytes) -> Request:
@@ -176,6 +268,28 @@ def parse_request(line: bytes) -> Request:
         raise BadJson("request is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest(f"request must be a JSON object, got {_json_type(data)}")
+    request_id = _request_id(data.pop("id", None))
+    try:
+        return _parse_command(data, request_id)
+    except ProtocolError as e:
+        e.request_id = request_id
+        raise
+
+
+def _request_id(value: Any) -> RequestId | None:
+    """A valid client id (a string of at most 128 characters, or an integer within +-2**53); null is none."""
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= MAX_ID_CHARS:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_ID_INT:
+        return value
+    raise BadRequest(f'"id" must be a string of at most {MAX_ID_CHARS} characters or an integer within '
+                     f"+-2**53, got {_json_type(value)}"
+                     + (f" of {len(value)} characters" if isinstance(value, str) else ""))
+
+
+def _parse_command(data: dict[str, Any], request_id: RequestId | None) -> Request:
     name = data.pop("cmd", None)
     if name is None:
         raise BadRequest('request has no "cmd" field')
@@ -186,12 +300,12 @@ def parse_request(line: bytes) -> Request:
     except ValueError:
         known = ", ".join(c.value for c in Command)
         raise UnknownCommand(f"unknown command {name!r} (commands: {known})") from None
-    model = ARGS.get(cmd, NoArgs)
+    model = args_model(cmd)
     try:
         args = model.model_validate(data)
     except ValidationError as e:
         raise BadArguments(f"{cmd.value}: {_format_validation(e)}") from None
-    return Request(cmd, args)
+    return Request(cmd, args, request_id)
 
 
 def _format_validation(e: ValidationError) -> str:
@@ -232,65 +346,8 @@ def error_reply(code: ErrorCode, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code.value, "message": message}}
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    """One message as a JSON line (NaN and infinities become null)."""
-    text = json.dumps(message, default=_default, ensure_ascii=False, separators=(",", ":"), allow_nan=True)
-    if "NaN" in text or "Infinity" in text:
-        text = json.dumps(_finite(json.loads(text)), ensure_ascii=False, separators=(",", ":"))
-    return text.encode("utf-8") + b"\n"
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def decode_reply(line: bytes) -> dict[str, Any]:
-    data = json.loads(line.decode("utf-8"))
-    if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
-        raise ValueError(f"not a pocketd reply: {line[:200]!r}")
-    return data
-
-
-# -- addresses --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def unix_address(path: Path) -> Iterator[str]:
-    """An address for bind/connect; long paths go through /proc/self/fd/N of the open directory.
-
-    sun_path holds 107 bytes; pytest temp dirs and deep Termux prefixes can be longer.
-    """
-    text = os.fspath(path)
-    if len(os.fsencode(text)) <= MAX_UNIX_PATH:
-        yield text
-        return
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        short = f"/proc/self/fd/{fd}/{path.name}"
-        if len(os.fsencode(short)) > MAX_UNIX_PATH:
-            raise OSError(f"socket name too long: {path.name}")
-        yield short
-    finally:
-        os.close(fd)
+def with_id(reply: dict[str, Any], request_id: str | int | None) -> dict[str, Any]:
+    """`reply` with the client's id (right after `ok`), or as it is when the request had none."""
+    if request_id is None:
+        return reply
+    return {"ok": reply.get("ok"), "id": request_id, **{k: v for k, v in reply.items() if k != "ok"}}

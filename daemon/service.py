@@ -15,7 +15,9 @@ import dataclasses
 import logging
 import os
 import re
+import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -32,27 +34,39 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from pocketd.ingest.pipeline import ingest_text
 from pocketd.ingest.report import IngestReport
-from pocketd.store import Store, make_private_dir, touch_private
-from pocketd.trainer.job import TrainingJob
+from pocketd.store import DataLock, Store, make_private_dir, touch_private
+from pocketd.store.errors import StoreWriteFailed
+from pocketd.trainer.job import SessionStatus, TrainingJob
 
 from . import notify
+from .changes import ChangeFeed
 from .commands import Commands
+from .config import check_locations
 from .control import AwayState, DaemonSnapshot, HistoryPage, StopRequested, StoreSummary, TrainingSnapshot
+from .forgetting import ForgetReport, StoppedSession
+from .forgetting import forget as forget_documents
 from .inbox import InboxWatcher
+from .locations import socket_path
 from .policy import decide, decide_train_now, should_stop
 from .probes import AwaySignal, make_power_probe, process_tree_rss_mb, resolve_timezone, take_readings
-from .protocol import SOCKET_NAME, Conflict, Refused, State
+from .protocol import Conflict, Refused, State
 from .readings import Decision, Readings, StoreState
 from .server import ControlServer
 from .settings import PocketdConfig
 from .supervisor import Backoff, FinishedSession, Outcome, TrainerStartError, TrainerSupervisor, Trigger
+from .systemkill import KillAdaptation, on_android
+from .usernotify import BlockedWatch, UserNotifier, session_message
+from .wakelock import WakeLock, wake_lock_enabled
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STATUS_SIGNAL = signal.SIGUSR1  # log a status line and check the policy now
 JOB_CHECK = "policy-check"
 JOB_SUPERVISE = "supervise"
 JOB_INBOX = "inbox-poll"
 PAUSED_FILE = "paused"
+WAKE_LOCK_MARKER = "wake-lock-held"  # in state_dir while a session's termux-wake-lock may be held
 
 ReadingsSource = Callable[[AwaySignal, "int | None"], Readings]
 
@@ -71,7 +85,7 @@ def trainer_environment() -> dict[str, str]:
 
 
 def socket_path_for(config: PocketdConfig) -> Path:
-    return config.daemon.socket_path or config.paths.runtime_dir / SOCKET_NAME
+    return socket_path(config.daemon.socket_path, config.paths.runtime_dir)
 
 
 class GuardedStore:
@@ -94,6 +108,36 @@ class GuardedStore:
             self._store.close()
 
 
+def _write_wake(fd: int, signum: int) -> None:
+    """Wake `run()`'s loop with a byte (the signal number, 0 for none); a full pipe is awake already."""
+    if fd < 0:
+        return
+    try:
+        os.write(fd, bytes([signum & 0xFF]))
+    except OSError:  # BlockingIOError (full: it wakes anyway) or closed at shutdown
+        pass
+
+
+def _wait_for_signals(fd: int) -> list[int]:
+    """Block until `fd` (the wake pipe's read end) is readable; the signal numbers read from it."""
+    select.select([fd], [], [])
+    try:
+        return list(os.read(fd, 512))
+    except BlockingIOError:
+        return []
+
+
+def _abandoned_fields(status: SessionStatus | None) -> dict[str, Any]:
+    """History fields of a session whose daemon died, from its trainer's last status (if any)."""
+    reason = "abandoned: the daemon died during the session"
+    if status is None:
+        return {"end_reason": reason}
+    how = f" ({status.end_reason})" if status.end_reason else " (no final status: it was killed)"
+    return {"end_reason": f"{reason}; its trainer made {status.step} steps{how}", "checkpoint_id": status.checkpoint_id,
+            "steps": status.step, "loss_first": status.loss_first, "loss_last": status.loss,
+            "peak_rss_mb": status.peak_rss_mb, "promoted": status.promoted}
+
+
 def _decision_key(decision: Decision) -> tuple[bool, tuple[str, ...]]:
     """A decision with its numbers blanked: "load 2.10 > 1.50" and "load 2.30 > 1.50" are the same state."""
     return decision.train, tuple(re.sub(r"\d+(?:\.\d+)?", "#", r) for r in decision.reasons)
@@ -113,17 +157,20 @@ class Daemon:
         readings_source: ReadingsSource | None = None,
         supervise_interval_s: float = 2.0,
         backoff: Backoff | None = None,
+        android: bool | None = None,
     ) -> None:
         self.config = config
         self.tz = resolve_timezone(config.policy.timezone)  # ValueError: reported at startup
         self.socket_path = socket_path_for(config)
         self.supervise_interval_s = supervise_interval_s
         self.away = AwaySignal()
+        self.changes = ChangeFeed()  # bumped after every job run, command and session end (the `watch` stream)
         self.backoff = backoff or Backoff()
         self._readings_source = readings_source or self._probe_readings_source()
         self._probe_lock = threading.Lock()  # a probe is used from one thread at a time
         self._lock = threading.RLock()
         self._stop_requested = threading.Event()
+        self._wake_w = -1  # run()'s self-pipe: signal handlers and request_shutdown wake the main loop
         self._stop_reason = ""
         self._started_mono = time.monotonic()
         self._paused = (config.paths.state_dir / PAUSED_FILE).exists()
@@ -133,7 +180,11 @@ class Daemon:
         self._last_stop_check: Decision | None = None
         self._last_failure: str | None = None  # why the backoff is on, for `status`
         self._stopped_over_budget: set[int] = set()  # sessions the RSS probe stopped for the memory budget
+        self._forgetting = False  # a `forget` is under way: no session starts (guarded by _lock)
+        self._forget_lock = threading.Lock()  # one `forget` at a time
         self.store: GuardedStore | None = None
+        self._data_lock: DataLock | None = None  # one trainer per database (store.datalock)
+        self.android = on_android() if android is None else android  # names the phantom process killer
         self.supervisor = TrainerSupervisor(
             command=trainer_command or default_trainer_command(),
             jobs_dir=config.paths.state_dir / "jobs",
@@ -141,7 +192,15 @@ class Daemon:
             stop_grace_s=config.daemon.stop_grace_s,
             rss_probe=process_tree_rss_mb,
             env=trainer_environment(),
+            android=self.android,
         )
+        d = config.daemon
+        self.adaptation = KillAdaptation(after=d.system_kills_before_adapting, android=self.android,
+                                         configured_threads=config.trainer.threads)
+        self.wake_lock = WakeLock(enabled=wake_lock_enabled(d.wake_lock), timeout_s=d.power_probe_timeout_s,
+                                  marker=config.paths.state_dir / WAKE_LOCK_MARKER)
+        self.notifier = UserNotifier(enabled=d.notifications, timeout_s=d.power_probe_timeout_s)
+        self.blocked_watch = BlockedWatch(d.notify_blocked_after_minutes * 60)
         self.inbox = InboxWatcher(config.daemon.inbox, config.ingest) if config.daemon.inbox else None
         self.server = ControlServer(
             self.socket_path,
@@ -177,12 +236,20 @@ class Daemon:
         return self._stop_requested.is_set()
 
     def start(self) -> None:
-        """Bind the socket, open the store, start the scheduler. AlreadyRunning if another daemon answers."""
+        """Bind the socket, lock and open the store, start the scheduler.
+
+        ConfigError for folders that are not the user's own; AlreadyRunning if another daemon
+        answers on the socket; DataLocked if another daemon or `pocketd train` uses the database.
+        """
         self._started_mono = time.monotonic()
+        check_locations(self.config.paths)
         self.server.bind()  # first: a second daemon must not touch anything
         try:
-            self.store = GuardedStore(Store.open(self.config.paths.database))
+            database = self.config.paths.database
+            self._data_lock = DataLock.acquire(database, "pocketd run")
+            self.store = GuardedStore(Store.open(database))
             self._close_abandoned_sessions()
+            self.wake_lock.release_leftover()  # a previous daemon died holding it
             self._record_event("daemon", f"pocketd started (pid {os.getpid()})")
             self.server.start()
             self._start_scheduler()
@@ -190,6 +257,8 @@ class Daemon:
             self.server.close()
             if self.store is not None:
                 self.store.close()
+                self.store = None
+            self._release_data_lock()
             raise
         log.info("pocketd running (pid %d, socket %s)%s", os.getpid(), self.socket_path,
                  ", paused" if self._paused else "")
@@ -204,29 +273,52 @@ class Daemon:
         self.scheduler.start()
 
     def run(self) -> int:
-        """Run in the foreground until SIGTERM/SIGINT or `shutdown`; return the exit status (0)."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        """Run in the foreground until stopped; return the exit status (0).
+
+        Signals (handled in this, the main thread, after the handler woke it through a pipe):
+        SIGTERM, SIGINT and SIGHUP (the terminal went away) shut down cleanly: the trainer
+        stops after its step, the socket is removed. SIGUSR1 logs a status line and runs the
+        policy check now. The `shutdown` command also stops the loop.
+        """
+        wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (*SHUTDOWN_SIGNALS, STATUS_SIGNAL)}
         try:
             self.start()
             notify.ready(self.state_line())
-            while not self._stop_requested.wait(3600):
-                pass
+            while not self._stop_requested.is_set():
+                for signum in _wait_for_signals(wake_r):
+                    self._handle_signal(signum)
             log.info("stopping: %s", self._stop_reason)
             notify.stopping(f"stopping: {self._stop_reason}")
             self.shutdown()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            wake_w, self._wake_w = self._wake_w, -1
+            for fd in (wake_r, wake_w):
+                os.close(fd)
         return 0
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.request_shutdown(f"received {signal.Signals(signum).name}")
+        """The signal handler: only wakes the main loop (no locks here: it may interrupt a lock holder)."""
+        _write_wake(self._wake_w, signum)
+
+    def _handle_signal(self, signum: int) -> None:
+        """A signal the main loop was woken for (0: a wake-up without a signal)."""
+        if signum in SHUTDOWN_SIGNALS:
+            self.request_shutdown(f"received {signal.Signals(signum).name}")
+        elif signum == STATUS_SIGNAL:
+            line = self.state_line()
+            log.info("status (SIGUSR1): %s; checking the policy now", line)
+            notify.status(line)
+            self.wake_check()
 
     def request_shutdown(self, reason: str) -> None:
-        """Ask the main loop to stop (safe from a signal handler: it only sets an event)."""
+        """Ask the main loop to stop (from any thread)."""
         if not self._stop_requested.is_set():
             self._stop_reason = reason
             self._stop_requested.set()
+            _write_wake(self._wake_w, 0)
 
     def shutdown(self) -> None:
         """Stop the jobs, stop the trainer cleanly (SIGTERM, SIGKILL after the grace), close the socket."""
@@ -239,12 +331,20 @@ class Daemon:
             if finished is not None:
                 self._record_finished(finished)
         self.server.close()
+        self.wake_lock.close()  # runs the session's termux-wake-unlock (bounded by its timeout)
+        self.notifier.close()
         with self._lock:
             if self.store is not None:
                 self._record_event("daemon", f"pocketd stopped ({self._stop_reason or 'requested'})")
                 self.store.close()
                 self.store = None
+            self._release_data_lock()
         log.info("pocketd stopped")
+
+    def _release_data_lock(self) -> None:
+        if self._data_lock is not None:
+            self._data_lock.release()
+            self._data_lock = None
 
     def _job(self, fn: Callable[[], None]) -> Callable[[], None]:
         """A scheduler job that logs its failures and is retried at its next run, never crashing the daemon."""
@@ -265,6 +365,8 @@ class Daemon:
                 last_error[:] = [text]
             else:
                 last_error.clear()
+            finally:
+                self.changes.bump()  # readings, decisions, training progress: `watch` recomputes the status
 
         job.__name__ = fn.__name__
         return job
@@ -297,7 +399,7 @@ class Daemon:
         readings = self.read_device()
         state = self.store_state()
         with self._lock:
-            if self.stopping or self.supervisor.running is not None:
+            if self.stopping or self.supervisor.running is not None or self._forgetting:
                 return
             if self._paused:
                 decision = Decision(train=False, reasons=["paused"])
@@ -308,6 +410,12 @@ class Daemon:
             else:
                 decision = decide(readings, self.config.policy, state)
             self._note_decision(decision)
+            # Blocked: there is data to train on, the user did not pause, and something else says no.
+            blocked = (not self._paused and not decision.train
+                       and state.untrained_examples >= max(1, self.config.policy.min_new_examples))
+            alert = self.blocked_watch.update(blocked, decision.reasons, time.monotonic())
+            if alert is not None:
+                self.notifier.send(alert)
             if decision.train:
                 try:
                     self._start_session(Trigger.POLICY, decision)
@@ -366,6 +474,8 @@ class Daemon:
         """Start a trainer child (call with `_lock` held); the new session's id."""
         if self.stopping:
             raise Conflict("pocketd is shutting down")
+        if self._forgetting:
+            raise Conflict("forgetting documents: training can start again when that is done")
         running = self.supervisor.running
         if running is not None:
             raise Conflict(f"already training (session {running.session_id}, pid {running.pid})")
@@ -373,8 +483,11 @@ class Daemon:
         paths = self.config.paths
         with self.guarded_store() as s:
             session_id = s.history.start_session(trigger.value, {"reasons": decision.reasons if decision else []})
+        trainer = self.config.trainer
+        if self.adaptation.threads is not None:  # fewer threads after repeated system kills (systemkill.py)
+            trainer = trainer.model_copy(update={"threads": self.adaptation.threads})
         job = TrainingJob(
-            database=paths.database, cache_dir=paths.cache_dir, trainer=self.config.trainer,
+            database=paths.database, cache_dir=paths.cache_dir, trainer=trainer,
             memory_budget_mb=policy.memory_budget_mb, max_minutes=policy.max_session_minutes, max_steps=None,
         )
         try:
@@ -387,6 +500,8 @@ class Daemon:
                 s.history.end_session(session_id, end_reason=f"failed to start: {e}")
             self._record_event("trainer-failed", f"session {session_id}: {e}; backing off {delay:.0f} s")
             raise Refused(str(e)) from e
+        self.wake_lock.acquire()  # queued before the reaper can queue the release
+        self.blocked_watch.update(False, [], time.monotonic())
         threading.Thread(target=self._reap, args=(running.proc,), name="pocketd-reaper", daemon=True).start()
         self._record_event("session", f"session {session_id} started ({trigger.value}, pid {running.pid})")
         notify.status(f"training: session {session_id}")
@@ -407,6 +522,7 @@ class Daemon:
 
     def _record_finished(self, finished: FinishedSession) -> None:
         """Write a finished session to history and update the backoff (call with `_lock` held)."""
+        self.wake_lock.release()  # first, whatever happens below; queued after the session's acquire
         st = finished.status
         fields: dict[str, Any] = {
             "end_reason": finished.end_reason,
@@ -424,18 +540,30 @@ class Daemon:
             s.history.end_session(finished.session_id, **fields)
         over_budget = finished.session_id in self._stopped_over_budget
         self._stopped_over_budget.discard(finished.session_id)
-        if finished.outcome is Outcome.FAILED or over_budget:
+        if finished.outcome is Outcome.KILLED_BY_SYSTEM:
+            adapted = self.adaptation.killed()
+            delay = self.backoff.failed()
+            self._last_failure = finished.end_reason
+            self._record_event("trainer-killed", f"session {finished.session_id} {finished.end_reason}; "
+                               + (f"{adapted}; " if adapted else "") + f"backing off {delay:.0f} s",
+                               {"exit_status": finished.exit_status, "in_a_row": self.adaptation.in_a_row,
+                                "threads": self.adaptation.threads})
+        elif finished.outcome is Outcome.FAILED or over_budget:
             # A session stopped for the memory budget would grow the same way at once: back off too.
+            self.adaptation.survived()
             delay = self.backoff.failed()
             self._last_failure = finished.end_reason
             self._record_event("trainer-failed", f"session {finished.session_id} {finished.end_reason}; "
                                f"backing off {delay:.0f} s", {"exit_status": finished.exit_status})
         else:
+            self.adaptation.survived()
             self.backoff.succeeded()
         self._unschedule_supervise()
         self._last_decision = None  # decided before the session; the next check decides afresh
         self._last_stop_check = None
         notify.status(f"session {finished.session_id} {finished.end_reason}")
+        self.notifier.send(session_message(finished))
+        self.changes.bump()
         if not self.stopping:
             self.wake_check()
 
@@ -446,14 +574,19 @@ class Daemon:
             pass
 
     def _close_abandoned_sessions(self) -> None:
-        """Sessions left open by a daemon that died: close them, and stop their orphaned trainers."""
+        """Sessions left open by a daemon that died: stop their orphaned trainers, close them.
+
+        An orphan normally stopped itself when its daemon died (trainer.parentwatch); its last
+        status file tells how far it got, and goes into the session's record.
+        """
         for pid in self.supervisor.orphan_pids():
             log.warning("stopping an orphaned trainer (pid %d) left by a previous daemon", pid)
             self.supervisor.terminate_orphan(pid)
         with self.guarded_store() as s:
             for sess in s.history.sessions(limit=20):
                 if sess.ended_at is None:
-                    s.history.end_session(sess.id, end_reason="abandoned: the daemon stopped unexpectedly")
+                    s.history.end_session(sess.id, **_abandoned_fields(self.supervisor.leftover_status(sess.id)))
+        self.supervisor.remove_leftovers()
 
     def wake_check(self) -> None:
         """Run the policy check soon (after resume or an away signal) instead of at its next interval."""
@@ -574,10 +707,49 @@ class Daemon:
             return HistoryPage(sessions=s.history.sessions(limit=sessions) if sessions else [],
                                events=s.history.events(limit=events) if events else [])
 
+    def forget(self, documents: list[str], sources: list[str]) -> ForgetReport:
+        """Forget documents (daemon.forgetting.forget) with no session running: a running one is stopped and
+        waited for first (SIGKILL after daemon.stop_grace_s), and none starts until forgetting is done.
+        The rebuilt chain's hashes are left to the next session (this process never loads torch)."""
+        with self._forget_lock:
+            with self._lock:
+                if self.stopping:
+                    raise Conflict("pocketd is shutting down")
+                self._forgetting = True
+                running = self.supervisor.running
+            try:
+                stopped = None
+                if running is not None:
+                    progress = self.supervisor.status()
+                    self._record_event("stop", f"stopping session {running.session_id}: forget requested")
+                    finished = self.supervisor.stop_and_wait("forget requested")
+                    with self._lock:  # unless the reaper thread recorded it already
+                        if finished is not None:
+                            self._record_finished(finished)
+                    stopped = StoppedSession(running.session_id, running.pid,
+                                             progress.checkpoint_id if progress else None)
+                with self.guarded_store() as s:
+                    report = forget_documents(s, self.config, documents=documents, sources=sources, stopped=stopped)
+            finally:
+                with self._lock:
+                    self._forgetting = False
+        self._record_event("forget", report.summary, {"documents": [d.id for d in report.documents],
+                                                      "dropped_checkpoints": list(report.dropped_checkpoints)})
+        self.wake_check()
+        return report
+
     def ingest(self, text: str, source: str, origin: str | None) -> IngestReport:
-        """Ingest one text into the store; if it added data and nothing trains, check the policy soon."""
+        """Ingest one text into the store; if it added data and nothing trains, check the policy soon.
+
+        StoreWriteFailed (a `store_error` reply) if the database refuses the write, e.g. the disk is
+        full; the document's transaction is rolled back, nothing stored before is lost.
+        """
         with self.guarded_store() as s:
-            report = ingest_text(s, text, source, self.config.ingest, origin=origin)
+            try:
+                report = ingest_text(s, text, source, self.config.ingest, origin=origin)
+            except (sqlite3.OperationalError, OSError) as e:
+                log.warning("socket ingest failed to write: %s", e)
+                raise StoreWriteFailed(f"{self.config.paths.database}: cannot store the text: {e}") from e
         if report.added and self.supervisor.running is None:
             self.wake_check()
         return report

@@ -10,13 +10,18 @@ the environment and the config:
     @PREFIX@ @HOME@   from the environment
     @MEMORY_MAX@      [policy] memory_budget_mb + 256 MiB (the daemon itself), as "1792M"
     @TIMEOUT_STOP_S@  [daemon] stop_grace_s + 30
+    @WRITABLE_PATHS@  the unit's ReadWritePaths: [paths] data_dir, cache_dir, state_dir, runtime_dir
+    @RUNTIME_DIRECTORY@  RuntimeDirectory=pocketd when runtime_dir is $XDG_RUNTIME_DIR/pocketd (systemd
+                      creates it at each start; ProtectSystem=strict would not let pocketd), else a comment
 
     detect_service_kind(env) -> ServiceKind
     render_service(kind, ...) -> list[ServiceFile]                      pure apart from reading templates
     install_service(kind, dry_run=False, force=False, ...) -> list[ServiceFile]
 
 Installing never overwrites a file whose content differs unless `force`; it checks
-every file before writing any. Scripts get mode 0755, the unit and `down` 0644.
+every file before writing any. Service scripts get mode 0755, the unit and `down` 0644, the
+Termux:Tasker scripts (`~/.termux/tasker/`) 0700. Installing the systemd unit also creates
+pocketd's writable folders (0700): the unit's ReadWritePaths only apply to folders that exist.
 The termux `down` file (installed-but-not-enabled) is only written with a new service
 directory, so reinstalling does not disable a service the user enabled with `sv-enable`.
 """
@@ -38,6 +43,7 @@ from typing import NamedTuple
 from pocketd.store import atomic_write, make_private_dir
 
 from .probes_power import TERMUX_COMMAND
+from .settings import PathsConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,8 @@ __all__ = [
     "DAEMON_HEADROOM_MB",
 ]
 
+TASKER_SCRIPTS = ("pocketd-away", "pocketd-back", "pocketd-ingest-shared", "pocketd-forget-source",
+                  "pocketd-pause", "pocketd-resume")
 DAEMON_HEADROOM_MB = 256  # MemoryMax = trainer budget + this (the idle daemon is < 80 MB)
 STOP_TIMEOUT_MARGIN_S = 30
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
@@ -83,8 +91,10 @@ _SYSTEMD = [("pocketd.service", ("systemd_user", "pocketd.service"), 0o644)]
 _TERMUX = [
     ("sv/pocketd/run", ("service_dir", "run"), 0o755),
     ("sv/pocketd/log/run", ("service_dir", "log/run"), 0o755),
+    ("sv/pocketd/finish", ("service_dir", "finish"), 0o755),
     ("sv/pocketd/down", ("service_dir", "down"), 0o644),
     ("boot/start-pocketd", ("termux_boot", "start-pocketd"), 0o755),
+    *((f"tasker/{name}", ("termux_tasker", name), 0o700) for name in TASKER_SCRIPTS),
 ]
 
 
@@ -143,7 +153,8 @@ def _roots(kind: ServiceKind, env: Mapping[str, str]) -> dict[str, Path]:
         config_home = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else home / ".config"
         return {"systemd_user": config_home / "systemd" / "user"}
     prefix = Path(_require(env, "PREFIX", "run this inside Termux, or use --systemd"))
-    return {"service_dir": prefix / "var" / "service" / "pocketd", "termux_boot": home / ".termux" / "boot"}
+    return {"service_dir": prefix / "var" / "service" / "pocketd", "termux_boot": home / ".termux" / "boot",
+            "termux_tasker": home / ".termux" / "tasker"}
 
 
 def render_service(
@@ -155,8 +166,11 @@ def render_service(
     stop_grace_s: float = 60.0,
     templates_dir: Path | None = None,
     sh: str | None = None,
+    paths: PathsConfig | None = None,
 ) -> list[ServiceFile]:
     """The files for `kind` with their install paths, content and modes (status PLANNED).
+
+    `paths`: pocketd's folders (default: the defaults), the unit's only writable places.
 
     Raises ServiceInstallError when a needed variable (HOME, PREFIX for termux) is missing
     or a template cannot be read or leaves a placeholder unfilled.
@@ -174,6 +188,7 @@ def render_service(
         "@HOME@": env.get("HOME", ""),
         "@MEMORY_MAX@": f"{int(memory_budget_mb) + DAEMON_HEADROOM_MB}M",
         "@TIMEOUT_STOP_S@": str(int(stop_grace_s) + STOP_TIMEOUT_MARGIN_S),
+        **_sandbox_values(paths or PathsConfig(), env),
     }
     root = _templates_root(templates_dir)
     files: list[ServiceFile] = []
@@ -191,6 +206,35 @@ def render_service(
             raise ServiceInstallError(f"template {template}: unfilled placeholders {sorted(set(left))}")
         files.append(ServiceFile(roots[root_key] / rel, text, mode))
     return files
+
+
+def writable_dirs(paths: PathsConfig) -> list[Path]:
+    """The folders pocketd writes (data, cache, state, the socket's), without duplicates, in that order."""
+    out: list[Path] = []
+    for p in (paths.data_dir, paths.cache_dir, paths.state_dir, paths.runtime_dir):
+        p = Path(os.path.abspath(p))
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _sandbox_dirs(paths: PathsConfig, env: Mapping[str, str]) -> tuple[list[Path], bool]:
+    """The unit's ReadWritePaths, and whether the socket's folder is systemd's RuntimeDirectory instead."""
+    runtime = Path(os.path.abspath(paths.runtime_dir))
+    xdg = env.get("XDG_RUNTIME_DIR", "")
+    managed = bool(xdg) and runtime == Path(os.path.abspath(xdg)) / "pocketd"
+    return [d for d in writable_dirs(paths) if not (managed and d == runtime)], managed
+
+
+def _sandbox_values(paths: PathsConfig, env: Mapping[str, str]) -> dict[str, str]:
+    dirs, managed = _sandbox_dirs(paths, env)
+    runtime = Path(os.path.abspath(paths.runtime_dir))
+    # "-": a missing folder is skipped rather than failing the start (install_service creates them).
+    return {
+        "@WRITABLE_PATHS@": _systemd_words([f"-{d}" for d in dirs]),
+        "@RUNTIME_DIRECTORY@": ("RuntimeDirectory=pocketd\nRuntimeDirectoryMode=0700" if managed else
+                                f"# The control socket's folder ({runtime}) is in ReadWritePaths above."),
+    }
 
 
 def next_steps(kind: ServiceKind) -> list[str]:
@@ -239,6 +283,15 @@ def install_service(
     if conflicts:
         raise ServiceInstallError(
             "refusing to overwrite files that differ (use --force): " + ", ".join(conflicts))
+    if kind is ServiceKind.SYSTEMD:  # ReadWritePaths only apply to folders that exist
+        paths, env = render_kwargs.get("paths"), render_kwargs.get("env")
+        dirs, _ = _sandbox_dirs(paths if isinstance(paths, PathsConfig) else PathsConfig(),
+                                env if isinstance(env, Mapping) else os.environ)
+        for d in dirs:
+            try:
+                make_private_dir(d)
+            except OSError as e:
+                raise ServiceInstallError(f"cannot create {d}: {e.strerror or e}") from e
     for f in planned:
         if f.status in (FileStatus.CREATED, FileStatus.UPDATED):
             _write(f.path, f.content, f.mode)

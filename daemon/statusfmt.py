@@ -1,9 +1,33 @@
-"""Human-readable `status` and `history` from the daemon's JSON replies (pure functions)."""
+"""Human-readable `status` and `history` from the daemon's JSON replies (pure functions).
+
+Human output fits WIDTH (60) columns, so it does not wrap on a phone in portrait: figures are laid
+out on short lines, and free text (reasons, end reasons, event messages) is wrapped by `fit`. A
+single word longer than the width (a long path) is the one exception: it is never cut.
+"""
 
 from __future__ import annotations
 
+import textwrap
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
+
+WIDTH = 60
+
+
+def fit(lines: Iterable[str], width: int = WIDTH) -> list[str]:
+    """Each line as it is if it fits `width`, else wrapped at spaces, its continuation lines indented
+    two columns more than it; a word longer than the width stays whole on a line of its own."""
+    out: list[str] = []
+    for line in lines:
+        if len(line) <= width:
+            out.append(line)
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        out.extend(textwrap.wrap(line.strip(), width=width, initial_indent=" " * indent,
+                                 subsequent_indent=" " * (indent + 2), break_long_words=False,
+                                 break_on_hyphens=False) or [line])
+    return out
 
 
 def _num(x: Any, fmt: str = "{:.2f}") -> str:
@@ -22,7 +46,7 @@ def duration(seconds: float | None) -> str:
     return f"{h} h {rem // 60} min"
 
 
-def _when(iso: str | None) -> str:
+def when(iso: str | None) -> str:
     if not iso:
         return "?"
     try:
@@ -62,12 +86,31 @@ def _power(readings: dict[str, Any]) -> str:
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _session_lines(s: dict[str, Any], indent: str) -> list[str]:
+    """A finished (or running) session's end reason and figures, one short line each."""
+    end = s.get("end_reason") or ("running" if not s.get("ended_at") else "?")
+    figures = []
+    if s.get("loss_first") is not None and s.get("loss_last") is not None:
+        figures.append(f"loss {s['loss_first']:.2f} -> {s['loss_last']:.2f}")
+    promoted = {True: "promoted", False: "not promoted"}.get(s.get("promoted"))
+    if promoted:
+        figures.append(promoted)
+    if s.get("peak_rss_mb") is not None:
+        figures.append(f"peak {s['peak_rss_mb']:.0f} MiB")
+    return [indent + end] + ([indent + ", ".join(figures)] if figures else [])
+
+
 def format_status(reply: dict[str, Any]) -> str:
-    lines = [headline(reply)]
+    head = headline(reply)
+    if len(head) > WIDTH and reply.get("state") == "waiting" and reply.get("reasons"):
+        lines = ["waiting:"] + [f"  {r}" for r in reply["reasons"]]
+    else:
+        lines = [head]
     t = reply.get("training")
     if t:
         lines.append(f"  session {t['session_id']} ({t['trigger']}), pid {t['pid']}, "
-                     f"running {duration(t.get('elapsed_s'))}, checkpoint {t.get('checkpoint_id') or '-'}")
+                     f"running {duration(t.get('elapsed_s'))}")
+        lines.append(f"  checkpoint {t.get('checkpoint_id') or '-'}")
     if reply.get("paused"):
         lines.append("  paused (pocketd resume to continue)")
     backoff = reply.get("backoff") or {}
@@ -82,27 +125,24 @@ def format_status(reply: dict[str, Any]) -> str:
                  f"val loss {_num(ck.get('val_loss'))}")
     last = reply.get("last_session")
     if last:
-        end = last.get("end_reason") or ("running" if not last.get("ended_at") else "?")
-        losses = ""
-        if last.get("loss_first") is not None and last.get("loss_last") is not None:
-            losses = f", loss {last['loss_first']:.2f} -> {last['loss_last']:.2f}"
-        promoted = {True: ", promoted", False: ", not promoted"}.get(last.get("promoted"), "")
-        lines.append(f"last session: #{last['id']} {_when(last.get('started_at'))}: {end} "
-                     f"({last.get('steps') or 0} steps{losses}{promoted})")
+        lines.append(f"last session: #{last['id']} {when(last.get('started_at'))}, "
+                     f"{last.get('steps') or 0} steps")
+        lines.extend(_session_lines({k: v for k, v in last.items() if k != "peak_rss_mb"}, "  "))
     readings = reply.get("readings")
     if readings:
-        lines.append(f"device: {_power(readings)}, load {_num(readings.get('load1'))}, "
+        lines.append(f"device: {_power(readings)}")
+        lines.append(f"  load {_num(readings.get('load1'))}, "
                      f"{_num(readings.get('available_mb'), '{:.0f}')} MiB available"
-                     + (f" (read {_when(readings.get('now'))})" if readings.get("now") else ""))
+                     + (f", read {when(readings.get('now'))}" if readings.get("now") else ""))
     away = reply.get("away") or {}
     if away.get("active") is not None:
         lines.append("user: " + ("away" if away["active"] else "active")
-                     + (f" until {_when(away.get('expires_at'))}" if away.get("expires_at") else ""))
+                     + (f" until {when(away.get('expires_at'))}" if away.get("expires_at") else ""))
     d = reply.get("daemon") or {}
     if d:
         lines.append(f"daemon: pid {d.get('pid')}, up {duration(d.get('uptime_s'))}, "
                      f"RSS {_num(d.get('rss_mb'), '{:.0f}')} MiB, version {d.get('version')}")
-    return "\n".join(lines)
+    return "\n".join(fit(lines))
 
 
 def format_history(reply: dict[str, Any]) -> str:
@@ -111,17 +151,12 @@ def format_history(reply: dict[str, Any]) -> str:
     if not sessions:
         lines.append("  (none)")
     for s in sessions:
-        losses = ""
-        if s.get("loss_first") is not None and s.get("loss_last") is not None:
-            losses = f", loss {s['loss_first']:.2f} -> {s['loss_last']:.2f}"
-        promoted = {True: ", promoted", False: ", not promoted"}.get(s.get("promoted"), "")
-        rss = f", peak {s['peak_rss_mb']:.0f} MiB" if s.get("peak_rss_mb") is not None else ""
-        lines.append(f"  #{s['id']} {_when(s.get('started_at'))} [{s.get('trigger')}] "
-                     f"{s.get('end_reason') or 'running'} ({s.get('steps') or 0} steps{losses}{promoted}{rss})")
+        lines.append(f"  #{s['id']} {when(s.get('started_at'))} [{s.get('trigger')}], {s.get('steps') or 0} steps")
+        lines.extend(_session_lines({**s, "end_reason": s.get("end_reason") or "running", "ended_at": None}, "    "))
     lines.append("events:")
     events = reply.get("events") or []
     if not events:
         lines.append("  (none)")
     for e in events:
-        lines.append(f"  {_when(e.get('at'))} {e.get('kind')}: {e.get('message')}")
-    return "\n".join(lines)
+        lines.append(f"  {when(e.get('at'))} {e.get('kind')}: {e.get('message')}")
+    return "\n".join(fit(lines))

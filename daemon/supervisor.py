@@ -3,7 +3,10 @@
 The supervisor knows processes, not the store or the policy: the daemon (service.py)
 decides when to start and stop and records sessions. Stopping is SIGTERM to the
 child's process group (the trainer finishes its step, commits and exits 0), then
-SIGKILL after the grace period. Crashes are backed off exponentially.
+SIGKILL after the grace period. Crashes are backed off exponentially. A child that dies by a
+signal the supervisor did not send (SIGTERM only after `request_stop`, SIGKILL only after the
+grace) is KILLED_BY_SYSTEM, with the likely cause named (systemkill.py: on Android the phantom
+process killer, elsewhere the OOM killer).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from pydantic import ValidationError
 from pocketd.store import atomic_write, make_private_dir, tighten_dir
 from pocketd.store.private import TMP_SUFFIX
 from pocketd.trainer.job import ExitCode, SessionStatus, TrainingJob
+from pocketd.trainer.parentwatch import child_environment
+
+from .systemkill import system_kill_reason
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +46,12 @@ class Outcome(str, Enum):
     FINISHED = "finished"  # exit 0 on its own (budget reached, nothing to train, ...)
     STOPPED = "stopped"  # exit after our SIGTERM
     KILLED = "killed"  # did not exit within the grace period: SIGKILL
-    FAILED = "failed"  # non-zero exit or a signal we did not send
+    FAILED = "failed"  # non-zero exit
+    KILLED_BY_SYSTEM = "killed-by-system"  # died by a signal we did not send (Android's phantom process killer, OOM)
 
     @property
     def is_failure(self) -> bool:
-        return self is Outcome.FAILED
+        return self in (Outcome.FAILED, Outcome.KILLED_BY_SYSTEM)
 
 
 class TrainerStartError(Exception):
@@ -65,6 +72,7 @@ class RunningSession:
     stop_reason: str | None = None
     term_sent_mono: float | None = None
     killed: bool = False
+    liveness_fd: int | None = None  # the write end of the child's liveness pipe (trainer.parentwatch)
 
     @property
     def pid(self) -> int:
@@ -143,8 +151,11 @@ class TrainerSupervisor:
         rss_probe: RssProbe | None = None,
         env: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        android: bool = False,
     ) -> None:
+        """`android`: name Android's phantom process killer as the likely cause of a kill we did not send."""
         self.command = list(command)
+        self.android = android
         self.jobs_dir = jobs_dir
         self.nice = nice
         self.stop_grace_s = stop_grace_s
@@ -171,22 +182,29 @@ class TrainerSupervisor:
             job = job.model_copy(update={"status_file": status_path})
             job.write(job_path)
             argv = [*self.command, "--job", str(job_path)]
+            # The child watches the read end: EOF means this process died (trainer.parentwatch).
+            # Both ends are close-on-exec; pass_fds hands the read end to this child only.
+            alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
             try:
                 proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                     argv,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,  # its own process group: signals reach the whole tree
-                    env=self.env,
+                    env=child_environment(dict(os.environ if self.env is None else self.env), alive_r),
                     close_fds=True,
+                    pass_fds=(alive_r,),
                 )
             except OSError as e:
+                os.close(alive_w)
                 job_path.unlink(missing_ok=True)
                 raise TrainerStartError(f"cannot start the trainer ({argv[0]}): {e.strerror or e}") from e
+            finally:
+                os.close(alive_r)
             self._renice(proc.pid)
             atomic_write(self._pid_path(session_id), f"{proc.pid}\n")
             self._running = RunningSession(
                 session_id=session_id, trigger=trigger, proc=proc, job_path=job_path, status_path=status_path,
-                started_at=datetime.now(timezone.utc), started_mono=self.clock(),
+                started_at=datetime.now(timezone.utc), started_mono=self.clock(), liveness_fd=alive_w,
             )
             log.info("trainer started: session %d, pid %d (%s)", session_id, proc.pid, trigger.value)
             return self._running
@@ -232,22 +250,35 @@ class TrainerSupervisor:
     # -- orphans of a daemon that died ------------------------------------------------------
 
     def orphan_pids(self) -> list[int]:
-        """Trainers still running from job files a previous daemon left behind (their pid files match)."""
+        """Trainers still running from job files a previous daemon left behind (their pid files match).
+
+        Their files stay until `remove_leftovers` (the last status tells how far each session got).
+        """
         out: list[int] = []
         if not self.jobs_dir.is_dir():
             return out
         for pid_path in sorted(self.jobs_dir.glob("session-*.pid")):
-            job_path = pid_path.with_suffix(".job.json")
-            try:
-                pid = int(pid_path.read_text().strip())
-            except (OSError, ValueError):
-                pid = 0
-            if pid > 0 and _runs_job(pid, job_path):
+            pid = _read_pid(pid_path)
+            if pid > 0 and _runs_job(pid, pid_path.with_suffix(".job.json")):
                 out.append(pid)
-            else:
-                for leftover in (pid_path, job_path, pid_path.with_suffix(".status.json")):
-                    leftover.unlink(missing_ok=True)
         return out
+
+    def leftover_status(self, session_id: int) -> SessionStatus | None:
+        """The last status a previous daemon's trainer wrote for `session_id` (None if there is none)."""
+        return read_status(self.jobs_dir / f"session-{session_id}.status.json")
+
+    def remove_leftovers(self) -> None:
+        """Remove the job, pid and status files of sessions whose trainer no longer runs (not ours)."""
+        if not self.jobs_dir.is_dir():
+            return
+        running = self.running
+        for pid_path in sorted(self.jobs_dir.glob("session-*.pid")):
+            pid = _read_pid(pid_path)
+            job_path = pid_path.with_suffix(".job.json")
+            if (running is not None and running.pid == pid) or (pid > 0 and _runs_job(pid, job_path)):
+                continue
+            for leftover in (pid_path, job_path, pid_path.with_suffix(".status.json")):
+                leftover.unlink(missing_ok=True)
 
     def terminate_orphan(self, pid: int) -> None:
         """SIGTERM an orphaned trainer's group, SIGKILL it after the grace period."""
@@ -330,7 +361,7 @@ class TrainerSupervisor:
         status = read_status(running.status_path)
         peak = max((x for x in (running.peak_rss_mb, status.peak_rss_mb if status else None) if x is not None),
                    default=None)
-        outcome, reason = self._classify(running, code, status)
+        outcome, reason = self._classify(running, code, status, android=self.android)
         finished = FinishedSession(
             session_id=running.session_id, trigger=running.trigger, outcome=outcome, exit_status=code,
             end_reason=reason, status=status, peak_rss_mb=peak,
@@ -339,6 +370,9 @@ class TrainerSupervisor:
         log_fn = log.warning if outcome.is_failure else log.info
         log_fn("trainer session %d ended: %s (%s, %.0f s)", running.session_id, reason,
                exit_description(code), finished.duration_s)
+        if running.liveness_fd is not None:
+            os.close(running.liveness_fd)
+            running.liveness_fd = None
         for path in (running.job_path, running.status_path, self._pid_path(running.session_id)):
             path.unlink(missing_ok=True)
         for tmp in self.jobs_dir.glob(f".session-{running.session_id}.*{TMP_SUFFIX}"):  # a write cut by SIGKILL
@@ -347,7 +381,10 @@ class TrainerSupervisor:
         return finished
 
     @staticmethod
-    def _classify(running: RunningSession, code: int, status: SessionStatus | None) -> tuple[Outcome, str]:
+    def _classify(running: RunningSession, code: int, status: SessionStatus | None,
+                  android: bool = False) -> tuple[Outcome, str]:
+        if code < 0 and not _sent_by_us(running, -code):
+            return Outcome.KILLED_BY_SYSTEM, system_kill_reason(-code, android=android)
         if running.killed:
             return Outcome.KILLED, f"killed after the grace period ({running.stop_reason})"
         if running.stop_reason is not None and (code == ExitCode.OK or code == -signal.SIGTERM):
@@ -359,6 +396,21 @@ class TrainerSupervisor:
             detail = "the memory budget is too small" + (f": {detail}" if detail else "")
         text = f"failed: {exit_description(code)}" + (f": {detail}" if detail else "")
         return Outcome.FAILED, text
+
+
+def _sent_by_us(running: RunningSession, sig: int) -> bool:
+    """Whether the supervisor sent `sig` to this trainer (SIGTERM to stop it, SIGKILL after the grace)."""
+    return ((sig == signal.SIGTERM and running.term_sent_mono is not None)
+            or (sig == signal.SIGKILL and running.killed))
+
+
+def _read_pid(path: Path) -> int:
+    """The pid in a pid file; 0 if unreadable or not a positive number."""
+    try:
+        pid = int(path.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return 0
+    return pid if 0 < pid < 1 << 22 else 0
 
 
 def _alive(pid: int) -> bool:

@@ -8,13 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class IngestConfig(BaseModel):
     """How user text becomes documents and training examples."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     max_document_bytes: int = Field(
-        10_000_000, ge=1, description="Largest accepted document (bytes); larger inputs are rejected whole."
+        10_000_000, ge=1, le=1 << 30, description="Largest accepted document (bytes); larger inputs are rejected whole."
     )
     example_max_chars: int = Field(
-        2000, ge=64, description="Examples are cut along paragraph boundaries up to this many characters."
+        2000, ge=64, le=1_000_000, description="Examples are cut along paragraph boundaries up to this many characters."
     )
     validation_percent: int = Field(
         10, ge=0, le=50, description="Share of documents (by content hash) held out for validation."

@@ -1,7 +1,9 @@
 """Forgetting: deleting documents (and their examples) by id, hash prefix or source name.
 
-This removes the text from the store only. Checkpoints trained on it are the
-trainer's part of forgetting; the CLI calls that separately with the ids returned here.
+`resolve` is the resolver every forget uses. `forget` here removes the text from the store only,
+and refuses (DocumentsInTraining, nothing deleted) documents that steps of the training log used:
+the whole use case, which also drops those steps and checkpoints in the same transaction, is
+`pocketd.daemon.forgetting.forget` (`pocketd forget`, the socket's `forget`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def resolve(store: Store, documents: Sequence[str | int] = (), sources: Sequence
 def forget(store: Store, *, documents: Sequence[str | int] = (), sources: Sequence[str] = ()) -> ForgetResult:
     """Delete the named documents and their examples in one transaction; what was deleted.
 
-    Every name is resolved before anything is deleted, so an unknown one deletes nothing.
+    Every name is resolved before anything is deleted, so an unknown one deletes nothing;
+    DocumentsInTraining (nothing deleted) if training steps used any of them.
     """
     if not documents and not sources:
         raise ValueError("forget needs at least one document reference or source name")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from sqlite_utils import Database
 
 from .clock import utcnow
-from .errors import DocumentNotFound, SourceNotFound
+from .errors import DocumentNotFound, DocumentsInTraining, SourceNotFound
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +177,22 @@ class Documents:
         )
 
     def delete_documents(self, document_ids: Sequence[int]) -> int:
-        """Delete documents and their examples (and cached tokens) in one transaction; return how many."""
+        """Delete documents and their examples (and cached tokens) in one transaction; return how many.
+
+        DocumentsInTraining (nothing deleted) while steps of the training log name any of them: the
+        forget use case (pocketd.daemon.forgetting) drops those steps first, in the same transaction.
+        """
         ids = list(document_ids)
         if not ids:
             return 0
         marks = ",".join("?" * len(ids))
         with self.db.atomic():
+            used = sorted(d for (d,) in self.db.execute(
+                f"select distinct document_id from step_documents where document_id in ({marks})", ids))
+            if used:
+                raise DocumentsInTraining(
+                    f"document {', '.join(map(str, used[:10]))}{', ...' if len(used) > 10 else ''}: training "
+                    "steps still use it; `pocketd forget` drops those steps together with the documents")
             self.db.execute(
                 f"delete from token_cache where example_id in "
                 f"(select id from examples where document_id in ({marks}))",

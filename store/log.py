@@ -20,7 +20,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from .clock import utcnow
-from .errors import CheckpointConflict, CheckpointNotFound
+from .errors import CheckpointConflict, CheckpointForgotten, CheckpointNotFound, DocumentsForgotten
 
 
 class Status(str, Enum):
@@ -114,9 +114,9 @@ class CheckpointLog:
         note: str | None = None,
     ) -> int:
         """A new checkpoint (a candidate unless told otherwise); return its id."""
-        if parent_id is not None:
-            self.get(parent_id)
         with self.db.atomic():
+            if parent_id is not None:
+                self._writable(parent_id, "continued")
             pk = self.db["checkpoints"].insert(
                 {
                     "parent_id": parent_id,
@@ -134,16 +134,19 @@ class CheckpointLog:
         return int(pk)
 
     def append_step(self, checkpoint_id: int, rec: StepRecord, sha256: str | None = None) -> None:
-        """Append one step (and optionally the hash of the tensors after it) in one transaction."""
+        """Append one step (and optionally the hash of the tensors after it) in one transaction.
+
+        CheckpointForgotten if forget dropped the checkpoint, DocumentsForgotten if the step names a
+        document that is no longer stored (checked in the same transaction: nothing is written).
+        """
         if len(rec.seeds) != len(rec.grads) or not rec.seeds:
             raise CheckpointConflict(f"step {rec.step}: {len(rec.seeds)} seeds but {len(rec.grads)} gradients")
         with self.db.atomic():
-            n = self.db.execute("select n_steps from checkpoints where id = ?", [checkpoint_id]).fetchone()
-            if n is None:
-                raise CheckpointNotFound(f"checkpoint {checkpoint_id}: no such checkpoint")
-            if rec.step != n[0]:
+            done = self._writable(checkpoint_id, f"step {rec.step} appended")
+            self._require_documents(rec.document_ids, f"checkpoint {checkpoint_id}: step {rec.step}")
+            if rec.step != done:
                 raise CheckpointConflict(
-                    f"checkpoint {checkpoint_id}: step {rec.step} appended after {n[0]} steps"
+                    f"checkpoint {checkpoint_id}: step {rec.step} appended after {done} steps"
                 )
             self.db["steps"].insert(
                 {
@@ -169,9 +172,35 @@ class CheckpointLog:
             )
 
     def add_hash(self, checkpoint_id: int, n_steps: int, sha256: str) -> None:
-        """Record the hash of the trainable tensors after the first `n_steps` steps of this checkpoint."""
+        """Record the hash of the trainable tensors after the first `n_steps` steps of this checkpoint
+        (CheckpointForgotten if forget dropped it)."""
         with self.db.atomic():
+            self._writable(checkpoint_id, "hash recorded")
             self._put_hash(checkpoint_id, n_steps, sha256)
+
+    def _writable(self, checkpoint_id: int, what: str) -> int:
+        """The checkpoint's n_steps; CheckpointNotFound, or CheckpointForgotten if forget dropped it."""
+        row = self.db.execute("select n_steps, status from checkpoints where id = ?", [checkpoint_id]).fetchone()
+        if row is None:
+            raise CheckpointNotFound(f"checkpoint {checkpoint_id}: no such checkpoint")
+        if row[1] == Status.FORGOTTEN.value:
+            raise CheckpointForgotten(f"checkpoint {checkpoint_id} was dropped by forget (it held or continued "
+                                      f"steps of forgotten documents): {what} refused")
+        return int(row[0] or 0)
+
+    def _require_documents(self, document_ids: Sequence[int], what: str) -> None:
+        """DocumentsForgotten unless every one of these documents is stored."""
+        ids = sorted(set(document_ids))
+        missing: list[int] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found = {d for (d,) in self.db.execute(
+                f"select id from documents where id in ({','.join('?' * len(chunk))})", chunk)}
+            missing += [d for d in chunk if d not in found]
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            raise DocumentsForgotten(f"{what} used {'document' if len(missing) == 1 else 'documents'} {shown}, "
+                                     "forgotten since: not committed")
 
     def _put_hash(self, checkpoint_id: int, n_steps: int, sha256: str) -> None:
         self.db["checkpoint_hashes"].upsert(
@@ -188,7 +217,8 @@ class CheckpointLog:
             ).fetchall()
         )
 
-    def steps(self, checkpoint_id: int, with_documents: bool = False) -> Iterator[StepRecord]:
+    def steps(self, checkpoint_id: int, with_documents: bool = False, start: int = 0) -> Iterator[StepRecord]:
+        """The checkpoint's step rows in order, from step `start` (CheckpointConflict for a damaged row)."""
         docs: dict[int, list[int]] = {}
         if with_documents:
             for step, doc in self.db.execute(
@@ -196,8 +226,8 @@ class CheckpointLog:
             ):
                 docs.setdefault(step, []).append(doc)
         cur = self.db.execute(
-            "select step, seeds, grads, lr, loss from steps where checkpoint_id = ? order by step",
-            [checkpoint_id],
+            "select step, seeds, grads, lr, loss from steps where checkpoint_id = ? and step >= ? order by step",
+            [checkpoint_id, start],
         )
         for step, seeds, grads, lr, loss in cur:
             if len(seeds) % 8 or len(grads) % 4:
@@ -245,9 +275,15 @@ class CheckpointLog:
         parent_val_loss: float | None = None,
         note: str | None = None,
     ) -> None:
-        """Set a checkpoint's status; promoting to CURRENT supersedes the previous current one atomically."""
-        self.get(checkpoint_id)
+        """Set a checkpoint's status; promoting to CURRENT supersedes the previous current one atomically.
+
+        A checkpoint forget dropped stays FORGOTTEN (CheckpointForgotten).
+        """
         with self.db.atomic():
+            if status is not Status.FORGOTTEN:
+                self._writable(checkpoint_id, f"status {status.value}")
+            else:
+                self.get(checkpoint_id)
             if status is Status.CURRENT:
                 self.db.execute(
                     "update checkpoints set status = 'superseded', updated_at = ? "
@@ -262,11 +298,22 @@ class CheckpointLog:
             if note is not None:
                 sets["note"] = note
             self.db["checkpoints"].update(checkpoint_id, sets)
+            # Snapshots are kept for current and candidate checkpoints only (store.snapshots): pruned here.
+            self.db.execute("delete from checkpoint_snapshots where checkpoint_id not in "
+                            "(select id from checkpoints where status in ('current', 'candidate'))")
 
-    def documents_of(self, checkpoint_id: int) -> set[int]:
-        """Every document some step of this checkpoint trained on."""
+    def documents_of(self, checkpoint_id: int, steps: Sequence[int] | None = None) -> set[int]:
+        """Every document some step of this checkpoint (or some of `steps` of it) trained on."""
+        rows = self.db.execute(
+            "select step, document_id from step_documents where checkpoint_id = ?", [checkpoint_id])
+        wanted = None if steps is None else set(steps)
+        return {d for step, d in rows if wanted is None or step in wanted}
+
+    def orphan_document_ids(self) -> set[int]:
+        """Documents that step rows name but the store no longer holds (left by a pocketd without
+        the forget guards); forget drops their steps too."""
         return {d for (d,) in self.db.execute(
-            "select distinct document_id from step_documents where checkpoint_id = ?", [checkpoint_id])}
+            "select distinct document_id from step_documents where document_id not in (select id from documents)")}
 
     def checkpoints_with_documents(self, document_ids: Sequence[int]) -> dict[int, set[int]]:
         """checkpoint id -> the steps of it whose batches held any of these documents."""
@@ -284,13 +331,16 @@ class CheckpointLog:
     def save_state(self, checkpoint_id: int, n_steps: int, data: bytes, sha256: str,
                    step_documents: Sequence[tuple[int, Sequence[int]]] = ()) -> None:
         """Store a tensor checkpoint's tensors after `n_steps` steps (replacing the previous save), the
-        documents of the steps since then and the hash, in one transaction."""
+        documents of the steps since then and the hash, in one transaction.
+
+        CheckpointForgotten / DocumentsForgotten (nothing written) as for `append_step`.
+        """
         with self.db.atomic():
-            n = self.db.execute("select n_steps from checkpoints where id = ?", [checkpoint_id]).fetchone()
-            if n is None:
-                raise CheckpointNotFound(f"checkpoint {checkpoint_id}: no such checkpoint")
-            if n_steps < n[0]:
-                raise CheckpointConflict(f"checkpoint {checkpoint_id}: state of {n_steps} steps saved after {n[0]}")
+            done = self._writable(checkpoint_id, f"state of {n_steps} steps saved")
+            self._require_documents([d for _step, docs in step_documents for d in docs],
+                                    f"checkpoint {checkpoint_id}: the steps saved up to step {n_steps}")
+            if n_steps < done:
+                raise CheckpointConflict(f"checkpoint {checkpoint_id}: state of {n_steps} steps saved after {done}")
             self.db["checkpoint_states"].upsert(
                 {"checkpoint_id": checkpoint_id, "n_steps": n_steps, "format": "safetensors", "data": data,
                  "sha256": sha256, "saved_at": utcnow()},
@@ -314,7 +364,7 @@ class CheckpointLog:
         """Drop all steps, hashes and stored tensors of a checkpoint (used when forgetting); the row stays,
         marked FORGOTTEN."""
         with self.db.atomic():
-            for table in ("steps", "step_documents", "checkpoint_hashes", "checkpoint_states"):
+            for table in ("steps", "step_documents", "checkpoint_hashes", "checkpoint_states", "checkpoint_snapshots"):
                 self.db.execute(f"delete from {table} where checkpoint_id = ?", [checkpoint_id])
             self.db["checkpoints"].update(
                 checkpoint_id, {"status": Status.FORGOTTEN.value, "n_steps": 0, "updated_at": utcnow()}

@@ -6,6 +6,8 @@ umask. Every package may import this module (store imports no other pocketd pack
 - `make_private_dir`: `mkdir -p` whose every created directory is 0700.
 - `atomic_write`: replace a file's content all at once, durably, mode 0600 by default.
 - `touch_private`: create an empty 0600 file (or tighten an existing one).
+- `check_owned`: refuse a file or folder that is not the user's own or that others may write to
+  (as ssh does for its files): the config file and every data/state/cache/runtime folder.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import logging
 import os
 import stat
 import tempfile
+from enum import Enum
 from pathlib import Path
+
+from .errors import UnsafeLocation
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +62,55 @@ def make_private_dir(path: Path) -> Path:
     return path
 
 
+class Kind(str, Enum):
+    """What `check_owned` expects to find."""
+
+    FILE = "file"
+    DIRECTORY = "directory"
+
+
+def check_owned(path: Path, what: str, kind: Kind, *, root_ok: bool = False) -> os.stat_result:
+    """Refuse `path` (UnsafeLocation naming it, `what` it is and the fix) unless it is a `kind`
+    owned by the current user (or by root, with `root_ok`) and not writable by group or others.
+
+    A symlink is followed: its target is what pocketd would use, so the target is checked (and
+    never changed here). Returns the target's stat. OSError (e.g. missing) propagates.
+    """
+    st = os.stat(path)
+    is_kind = stat.S_ISDIR(st.st_mode) if kind is Kind.DIRECTORY else stat.S_ISREG(st.st_mode)
+    if not is_kind:
+        expected = "directory" if kind is Kind.DIRECTORY else "regular file"
+        raise UnsafeLocation(f"{path}: the {what} is not a {expected}")
+    uid = os.getuid()
+    if st.st_uid != uid and not (root_ok and st.st_uid == 0):
+        raise UnsafeLocation(
+            f"{path}: the {what} belongs to another user (uid {st.st_uid}, you are uid {uid}); "
+            f"pocketd only uses its user's own files: use a {kind.value} of your own, or chown it to uid {uid}"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if mode & bit)
+        raise UnsafeLocation(f"{path}: the {what} is writable by {who} (mode {mode:04o}); fix: chmod go-w {path}")
+    return st
+
+
 def tighten_dir(path: Path) -> Path:
-    """Set an existing directory of pocketd's own to 0700 (if it is not already); return it."""
-    if stat.S_IMODE(path.stat().st_mode) != DIR_MODE:
-        path.chmod(DIR_MODE)
+    """Set an existing directory of pocketd's own to 0700 (if it is not already); return it.
+
+    Refuses (UnsafeLocation) a directory of another user or one others may write to (what they put
+    there stays), and never chmods through a symlink: a linked directory must already be 0700.
+    """
+    st = check_owned(path, "folder", Kind.DIRECTORY)
+    if stat.S_IMODE(st.st_mode) != DIR_MODE:
+        if os.path.islink(path):
+            raise UnsafeLocation(f"{path}: a symlink to a folder others may read (mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}); fix: chmod 700 {os.path.realpath(path)}")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_ino == st.st_ino:  # still the directory checked above
+                os.fchmod(fd, DIR_MODE)
+        finally:
+            os.close(fd)
     return path
 
 

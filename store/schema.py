@@ -9,7 +9,29 @@ from __future__ import annotations
 
 from sqlite_utils import Database, Migrations
 
+from .errors import NewerSchema
+
 migrations = Migrations("pocketd")
+
+
+def known_migrations() -> list[str]:
+    """Names of the migrations this build knows, oldest first."""
+    return [m.name for m in migrations.pending(Database(memory=True))]  # all of them, on an empty database
+
+
+def refuse_newer_schema(db: Database, name: str) -> None:
+    """NewerSchema if `db` has migrations applied that this build does not know (read-only check).
+
+    A newer pocketd's database may mean things this one would get wrong (and writing to it could
+    damage it for the newer one), so it is refused before anything is written. `name` names the
+    database in the message.
+    """
+    known = set(known_migrations())
+    unknown = [m.name for m in migrations.applied(db) if m.name not in known]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise NewerSchema(f"{name}: this database was made by a newer pocketd (schema {shown}); "
+                          "upgrade pocketd to use it")
 
 
 @migrations()
@@ -155,6 +177,57 @@ def m004_checkpoint_states(db: Database) -> None:
             "format": str,  # "safetensors"
             "data": bytes,
             "sha256": str,  # TrainableSet.sha256 of the tensors (also in checkpoint_hashes at n_steps)
+            "saved_at": str,
+        },
+        pk="checkpoint_id",
+        foreign_keys=[("checkpoint_id", "checkpoints", "id")],
+        not_null={"n_steps", "format", "data", "sha256", "saved_at"},
+    )
+
+
+# What `m005_forget_guards` refuses, each a RAISE(ABORT) with this text: the database itself keeps a
+# forgotten document out of the training log, whatever process writes (the store's own checks raise
+# named errors first, in the same transaction; these triggers are the backstop).
+FORGET_GUARD_MESSAGE = "pocketd forget guard"
+
+_FORGOTTEN = "(SELECT status FROM checkpoints WHERE id = NEW.checkpoint_id) = 'forgotten'"
+_FORGET_GUARDS = {
+    # A step may only name documents that are stored.
+    "forget_guard_step_documents": ("BEFORE INSERT ON step_documents",
+                                    "NOT EXISTS (SELECT 1 FROM documents WHERE id = NEW.document_id)"),
+    # A document cannot be deleted while a step names it: forget drops those steps in the same transaction.
+    "forget_guard_documents": ("BEFORE DELETE ON documents",
+                               "EXISTS (SELECT 1 FROM step_documents WHERE document_id = OLD.id)"),
+    # A checkpoint forget dropped takes no more steps, hashes or tensors, no children, and stays dropped.
+    "forget_guard_steps": ("BEFORE INSERT ON steps", _FORGOTTEN),
+    "forget_guard_hashes": ("BEFORE INSERT ON checkpoint_hashes", _FORGOTTEN),
+    "forget_guard_states_insert": ("BEFORE INSERT ON checkpoint_states", _FORGOTTEN),
+    "forget_guard_states_update": ("BEFORE UPDATE ON checkpoint_states", _FORGOTTEN),
+    "forget_guard_parent": ("BEFORE INSERT ON checkpoints",
+                            "(SELECT status FROM checkpoints WHERE id = NEW.parent_id) = 'forgotten'"),
+    "forget_guard_revive": ("BEFORE UPDATE OF status ON checkpoints",
+                            "OLD.status = 'forgotten' AND NEW.status != 'forgotten'"),
+}
+
+
+@migrations()
+def m005_forget_guards(db: Database) -> None:
+    """Triggers that keep forgotten documents out of the training log (see _FORGET_GUARDS)."""
+    for name, (event, when) in _FORGET_GUARDS.items():
+        db.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {event} WHEN {when} "
+                   f"BEGIN SELECT RAISE(ABORT, '{FORGET_GUARD_MESSAGE}: {name}'); END")
+
+
+@migrations()
+def m006_snapshots(db: Database) -> None:
+    """Verified snapshots of seed-log checkpoints: the trainable tensors at one step (store.snapshots)."""
+    db["checkpoint_snapshots"].create(
+        {
+            "checkpoint_id": int,
+            "n_steps": int,  # steps of this checkpoint the tensors include
+            "format": str,  # "safetensors"
+            "data": bytes,
+            "sha256": str,  # TrainableSet.sha256, equal to checkpoint_hashes at (checkpoint_id, n_steps)
             "saved_at": str,
         },
         pk="checkpoint_id",

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pocketd.trainer.job import ExitCode, SessionStatus, TrainingJob, write_private_json  # noqa: E402
+from pocketd.trainer.parentwatch import watch_parent  # noqa: E402
 
 
 def main() -> int:
@@ -41,10 +42,13 @@ def main() -> int:
     else:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parent_died: list[str] = []
+    watch_parent(lambda reason: (parent_died.append(reason), stop.set()))  # as the real trainer does
     # Written once the signal handlers are in place: a test that saw this file may signal at once.
     write_private_json(args.job.with_name(args.job.name + ".fake.json"), {
         "pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0), "nice": os.getpriority(os.PRIO_PROCESS, 0),
         "argv": sys.argv, "memory_budget_mb": job.memory_budget_mb, "max_minutes": job.max_minutes,
+        "threads": job.trainer.threads,
     })
     status = SessionStatus(phase="training", checkpoint_id=7)
     loss = 4.0
@@ -62,7 +66,8 @@ def main() -> int:
             return ExitCode.CRASH
         if stop.is_set():
             break
-    final = status.model_copy(update={"phase": "done", "end_reason": "stop signal" if stop.is_set() else "budget",
+    reason = f"stopped: {parent_died[0]}" if parent_died else "stop signal" if stop.is_set() else "budget"
+    final = status.model_copy(update={"phase": "done", "end_reason": reason,
                                       "promoted": None if stop.is_set() else True, "val_loss": 3.5})
     if job.status_file:
         write_private_json(job.status_file, final.model_dump(mode="json"))

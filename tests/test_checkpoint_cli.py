@@ -72,13 +72,20 @@ def test_export_import_roundtrip_and_size(env, tmp_path):
         header_only = len(pack(to_file(store, 1))) - 5 * 16
     per_step = (f.stat().st_size - header_only) / 5
     assert per_step == 16  # seed i64 + grad f32 + lr f32
-    code, out = pocketd("checkpoint", "import", str(f))
-    assert code == 0, out
-    assert "verified, now current" in out
+    code, out = pocketd("checkpoint", "import", str(f))  # the same weights again: no better than current
+    assert code == 0 and "verified" in out and "kept as rejected" in out, out
     with Store.open(env / "data" / "pocketd.sqlite3") as store:
+        assert store.log.current().id == 1 and store.log.get(2).status is Status.REJECTED
+    # Another device (a fresh store with the same notes): imported, verified, gated against the base.
+    cfg = env / "config.toml"
+    cfg.write_text(cfg.read_text().replace(str(env / "data"), str(env / "data2")))
+    fill_store(env / "data2" / "pocketd.sqlite3")
+    code, out = pocketd("checkpoint", "import", str(f))
+    assert code == 0 and "(5 steps, verified; validation loss" in out and "now current" in out, out
+    with Store.open(env / "data2" / "pocketd.sqlite3") as store, Store.open(env / "data" / "pocketd.sqlite3") as first:
         cur = store.log.current()
-        assert cur.id == 2 and cur.n_steps == 5
-        assert store.log.hashes(2) == store.log.hashes(1)
+        assert cur.id == 1 and cur.n_steps == 5
+        assert store.log.hashes(1) == first.log.hashes(1)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "magic"])

@@ -119,6 +119,29 @@ def test_ingest(daemons: DaemonFactory) -> None:
     assert ask(d, "status")["data"]["documents"] == 1
 
 
+def test_forget(daemons: DaemonFactory) -> None:
+    """`forget` stops a running session first, replies with the report, and training resumes afterwards."""
+    d = daemons("--step-s", "0.05", start=False)
+    d.start()
+    for text, source in [("a note from the share sheet", "tasker"), ("another one", "tasker"), ("kept", "phone")]:
+        ask(d, "ingest", text=text, source=source)
+    set_power(daemons.power, True)
+    session = wait_for(lambda: d.supervisor.running, what="training").session_id
+    reply = ask(d, "forget", sources=["tasker"])
+    assert reply["ok"] and [x["source"] for x in reply["documents"]] == ["tasker", "tasker"]
+    assert reply["session"]["effect"] == "stopped" and reply["session"]["session_id"] == session
+    assert reply["summary"].startswith("forgot 2 documents") and reply["hashes"] == "not needed"
+    assert ask(d, "status")["data"]["documents"] == 1
+    assert ask(d, "history", sessions=5, events=0)["sessions"][-1]["end_reason"] == "stopped: forget requested"
+    wait_for(lambda: (r := d.supervisor.running) and r.session_id != session, what="training to start again")
+    for args, code in (({"documents": ["99"]}, "not_found"), ({"sources": ["nowhere"]}, "not_found"),
+                       ({}, "bad_args"), ({"documents": [""]}, "bad_args"), ({"sources": "tasker"}, "bad_args")):
+        with pytest.raises(DaemonError) as info:
+            ask(d, "forget", **args)
+        assert info.value.code == code, args
+    assert ask(d, "status")["data"]["documents"] == 1
+
+
 def test_signal(daemons: DaemonFactory) -> None:
     d = daemons()
     reply = ask(d, "signal", away=True, expires_in_s=600)
@@ -163,3 +186,52 @@ def test_one_connection_many_commands(daemons: DaemonFactory) -> None:
         for _ in range(20):
             assert c.request("status")["ok"]
         assert c.request("history")["ok"]
+
+
+def test_version(daemons: DaemonFactory) -> None:
+    from pocketd.daemon.protocol import PROTOCOL_VERSION
+
+    d = daemons()
+    reply = ask(d, "version")
+    assert reply["protocol"] == PROTOCOL_VERSION and reply["pocketd"] == ask(d, "status")["daemon"]["version"]
+    commands = {c["name"]: c for c in reply["commands"]}
+    assert set(commands) == {c.value for c in Command}
+    assert commands["watch"]["streams"] is True and commands["status"]["streams"] is False
+    history = commands["history"]["arguments"]
+    assert history["properties"]["sessions"]["maximum"] == 1000 and history["additionalProperties"] is False
+    assert commands["signal"]["arguments"]["required"] == ["away"]
+    assert commands["status"]["arguments"]["properties"] == {}
+    assert all(c["description"] for c in commands.values())
+
+
+def test_watch(daemons: DaemonFactory) -> None:
+    """`watch` streams the status, a line per change (here: pause, from another connection)."""
+    from pocketd.daemon.watching import MAX_WATCHERS
+
+    d = daemons(policy={"check_interval_s": 3600})  # no policy checks to bump the feed meanwhile
+    with Client(d.socket_path, timeout_s=10) as watcher:
+        lines = watcher.watch(heartbeat_s=60)
+        first = next(lines)
+        assert first["event"] == "status" and first["paused"] is False and first["daemon"]["pid"]
+        assert ask(d, "pause")["changed"] is True
+        line = next(lines)
+        while not line.get("paused"):  # the daemon's first policy check may come first
+            assert line["event"] in {"status", "heartbeat"}, line
+            line = next(lines)  # each within the client's timeout, or ClientError
+        assert line["event"] == "status" and line["reasons"] == ["paused"]
+        # the cap: MAX_WATCHERS streams at once (this one included), the next is told busy
+        others = [Client(d.socket_path, timeout_s=10) for _ in range(MAX_WATCHERS - 1)]
+        streams = [c.watch() for c in others]  # kept: a dropped generator closes its connection
+        try:
+            for stream in streams:
+                assert next(stream)["event"] == "status"
+            with pytest.raises(DaemonError) as info:
+                next(Client(d.socket_path, timeout_s=10).watch())
+            assert info.value.code == "busy"
+        finally:
+            for c in others:
+                c.close()
+    # the clients left: their slots come back
+    wait_for(lambda: d.server._streams == set(), what="the streams to end")
+    with Client(d.socket_path, timeout_s=10) as again:
+        assert next(again.watch())["event"] == "status"

@@ -6,6 +6,7 @@ import inspect
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pocketd.daemon.changes import ChangeFeed
 from pocketd.daemon.commands import Commands
 from pocketd.daemon.control import (
     AwayState,
@@ -41,6 +42,7 @@ class StubDaemon:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, object]] = []
+        self.changes = ChangeFeed()
 
     def snapshot(self) -> DaemonSnapshot:
         started = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)

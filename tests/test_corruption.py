@@ -219,13 +219,15 @@ def test_resigned_checkpoint_file_with_tampered_steps_fails_verification(env: Pa
     body = len(MAGIC) + 4 + hlen
     struct.pack_into("<f", data, body + 12 + 16, 3.0)  # the second step's projected gradient
     f.write_bytes(bytes(data) + hashlib.sha256(bytes(data)).digest())
+    with Store.open(env) as store:
+        before = [(c.id, c.status, c.n_steps) for c in store.log.list()]
     code, out = pocketd("checkpoint", "import", str(f))
     assert_one_line_error(code, out, f)
     assert "does not verify" in out and "replay differs" in out
     with Store.open(env) as store:
         assert store.log.current().id == 1
-        imported = store.log.list()[-1]
-        assert imported.id > 2 and imported.status is Status.REJECTED
+        # An import that does not verify stores nothing (it is checked in memory first).
+        assert [(c.id, c.status, c.n_steps) for c in store.log.list()] == before
 
 
 # -- the config file ------------------------------------------------------------------------------
@@ -293,6 +295,16 @@ TAMPER = {
 }
 
 
+def drop_snapshots(db: Path) -> None:
+    """Delete the verified snapshots (trainer.snapshot), so loading replays the whole log."""
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("delete from checkpoint_snapshots")
+        conn.commit()
+    finally:
+        conn.close()
+
+
 def tamper(db: Path, sql: str) -> None:
     conn = sqlite3.connect(db)
     try:
@@ -309,6 +321,12 @@ def test_session_refuses_a_log_that_does_not_verify(env: Path, tmp_path: Path, t
     from pocketd.trainer.session import run_session
 
     tamper(env, TAMPER[name])
+    # `checkpoint verify` replays the whole log, whatever snapshot the store holds.
+    code, out = pocketd("checkpoint", "verify", "2")
+    assert code == 1 and "pocketd: error: checkpoint" in out and "Traceback" not in out
+    # A session (and loading) starts from the newest verified snapshot and replays only the steps after
+    # it (issue 17); without one it replays the whole log and refuses a log that does not verify.
+    drop_snapshots(env)
     before = snapshot(env)
     job = make_job(tmp_path, tiny_model_dir, max_steps=3, hash_every=2).model_copy(update={"database": env})
     with pytest.raises(ReplayMismatch, match=r"checkpoint [12]: .*(replay differs|missing|holds|seeds)"):
@@ -316,8 +334,6 @@ def test_session_refuses_a_log_that_does_not_verify(env: Path, tmp_path: Path, t
     assert snapshot(env) == before  # nothing trained, nothing written
     with Store.open(env) as store, pytest.raises(ReplayMismatch):
         load_checkpoint(store, job.trainer, job.cache_dir, 2, verify=True)
-    code, out = pocketd("checkpoint", "verify", "2")
-    assert code == 1 and "pocketd: error: checkpoint" in out and "Traceback" not in out
 
 
 def test_daemon_reports_a_log_that_does_not_verify(env: Path, tmp_path: Path, tiny_model_dir: Path,
@@ -328,6 +344,7 @@ def test_daemon_reports_a_log_that_does_not_verify(env: Path, tmp_path: Path, ti
     from pocketd.daemon.settings import DaemonConfig, PathsConfig, PocketdConfig, PolicyConfig
 
     tamper(env, TAMPER["grads-current"])
+    drop_snapshots(env)  # the session must replay the tampered rows (see the test above)
     before = snapshot(env)
     power = tmp_path / "power.json"
     power.write_text('{"on_power": true, "percent": 90}')

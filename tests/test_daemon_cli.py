@@ -50,6 +50,7 @@ def test_full_status_text() -> None:
     assert text.splitlines()[0] == "waiting: paused"
     assert "data: 3 documents, 9 examples, 4 untrained" in text
     assert "checkpoint: #2 (side), 150 steps, val loss 3.02" in text
-    assert "stopped: charger unplugged (35 steps, loss 3.40 -> 3.20, not promoted)" in text
-    assert "device: on power (CHARGING, 80%, 31.0 °C), load 0.42, 2048 MiB available" in text
+    assert "last session: #5 2025-01-01 " in text and ", 35 steps\n  stopped: charger unplugged\n" in text
+    assert "\n  loss 3.40 -> 3.20, not promoted\n" in text
+    assert "device: on power (CHARGING, 80%, 31.0 °C)\n  load 0.42, 2048 MiB available, read 2025-01-01 " in text
     assert "daemon: pid 1, up 2 h 0 min, RSS 45 MiB" in text

@@ -124,13 +124,14 @@ def test_stats_on_an_empty_store() -> None:
 
 def test_forget_by_source_and_document(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run("ingest", str(folder))
-    hooked: list[list[int]] = []
-    monkeypatch.setattr(cli_data, "_forget_checkpoints", lambda app, store, ids: hooked.append(list(ids)))
+    result = run("forget", "--source", "journal", "--json")
+    assert result.exit_code == 0, result.output
+    assert [d["id"] for d in json.loads(result.output)["documents"]] == [3, 4]
+    run("ingest", str(folder))
     result = run("forget", "--source", "journal")
     assert result.exit_code == 0, result.output
     assert result.output.count("deleted document ") == 2
     assert result.output.strip().endswith("deleted 2 documents")
-    assert hooked == [[3, 4]]
     result = run("forget", "--document", "1")
     assert "deleted document 1 (" in result.output and "deleted 1 document" in result.output
     data = json.loads(run("stats", "--json").output)
@@ -152,8 +153,11 @@ def test_forget_errors_are_one_line(folder: Path) -> None:
 def test_forget_without_checkpoints_touches_no_log(tmp_path) -> None:
     from pocketd.store import Store
 
+    from pocketd.trainer.forget import forget_in_log
+
     with Store.open(tmp_path / "db.sqlite3") as store:
-        assert cli_data._forget_checkpoints(None, store, [1, 2]) is None  # type: ignore[arg-type]
+        done = forget_in_log(store, [1, 2])
+        assert done.dropped == set() and not done.result.rebuilt
         assert store.log.list() == []
 
 
@@ -177,3 +181,19 @@ def test_commands_use_the_configured_database(tmp_path: Path, folder: Path) -> N
     assert result.exit_code == 0
     assert (data_dir / "pocketd.sqlite3").exists()
     assert json.loads(run("stats", "--json").output)["documents"] == 0  # the default store is untouched
+
+
+def test_a_long_run_lists_the_first_entries_and_says_how_many_more(tmp_path: Path) -> None:
+    """The report keeps the first 1,000 entries of each kind (bounded memory); the rest are counted."""
+    export = tmp_path / "export.jsonl"
+    export.write_text("{oops\n" * 1050 + '{"text": "the one good line"}\n', encoding="utf-8")
+    result = run("ingest", str(export))
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert sum(line.startswith("rejected   ") for line in lines) == 1000
+    assert lines[-1] == ("1 added (1 example), 0 duplicates, 1,050 rejected, 0 skipped "
+                         "(listed: the first 1,000 of each kind; ... and 50 more rejected)")
+    data = json.loads(run("ingest", "--json", str(export)).output)
+    assert len(data["rejected"]) == 1000
+    assert data["counts"] == {"added": 0, "duplicates": 1, "rejected": 1050, "skipped": 0, "examples": 0}
+    assert data["omitted"]["rejected"] == 50

@@ -137,6 +137,9 @@ class FakeMethod:
     def record_hashes(self, store: Store, model: torch.nn.Module, fingerprint: str, checkpoint_id: int) -> None:
         pass
 
+    def save_snapshot(self, store: Store, checkpoint_id: int, part: FakePart) -> int:
+        return 0
+
     def trainer(self, ctx: SessionContext) -> MethodTrainer:
         return FakeTrainer(ctx, self.calls)
 
@@ -149,7 +152,7 @@ class FakeMethod:
     def export_bytes(self, store: Store, checkpoint_id: int) -> bytes:
         raise NotImplementedError
 
-    def import_bytes(self, store: Store, data: bytes, name: str, note: str | None) -> tuple[int, int]:
+    def read_file(self, data: bytes, name: str) -> Any:
         raise NotImplementedError
 
     def forget(self, store: Store, plan: ForgetPlan) -> ForgetResult:

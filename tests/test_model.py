@@ -69,7 +69,7 @@ def test_hashes_are_cached_by_size_and_mtime(tiny_model_dir: Path, tmp_path: Pat
     assert stat.S_IMODE((cache / tm.HASH_CACHE_NAME).stat().st_mode) == 0o600
     calls: list[Path] = []
     real = tm.sha256_file
-    monkeypatch.setattr(tm, "sha256_file", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(tm, "sha256_file", lambda p, *stop: calls.append(p) or real(p, *stop))
     assert load_base(str(model_dir), cache).fingerprint == fp
     assert calls == []  # served from the cache
     weights = model_dir / "model.safetensors"

@@ -45,6 +45,8 @@ def state(**kw: Any) -> StoreState:
 
 
 def policy(**kw: Any) -> PolicyConfig:
+    if kw.get("timezone") == "Mars/Base":  # refused by the config since issue 15; the policy must still not raise
+        return PolicyConfig().model_copy(update=kw)
     return PolicyConfig(**kw)
 
 
@@ -79,7 +81,7 @@ DECIDE_TABLE: list[tuple[str, dict, dict, dict, bool, list[str]]] = [
      {"now": datetime(2024, 1, 15, 22, 30, tzinfo=timezone.utc)},
      {"quiet_hours": "23:00-07:00", "timezone": "UTC"}, {}, False, ["outside quiet hours 23:00-07:00"]),
     ("bad timezone blocks, does not raise", {}, {"quiet_hours": "23:00-07:00", "timezone": "Mars/Base"}, {},
-     False, ["quiet hours unusable: unknown timezone 'Mars/Base'"]),
+     False, ["quiet hours unusable: unknown timezone 'Mars/Base' (expected an IANA name such as \"Europe/Berlin\")"]),
     ("user active signal", {"user_away": False}, {}, {}, False, ["user active (signal)"]),
     ("user away signal", {"user_away": True}, {}, {}, True, []),
     ("no signal is not unknown", {"user_away": None}, {}, {}, True, []),

@@ -211,7 +211,7 @@ def test_one_definition_of_each_helper() -> None:
     assert defs == ["store/log.py"]
     for p, text in sources.items():
         rel = p.relative_to(ROOT)
-        if rel.parts[0] == "trainer" or rel == Path("store/private.py"):
-            continue  # trainer/ is being reworked elsewhere; see the import of store.private there
+        if rel == Path("store/private.py"):
+            continue
         assert "parents=True" not in text, f"{rel}: mkdir(parents=True) makes loose parents; use make_private_dir"
         assert "os.replace(" not in text and ".replace(tmp" not in text, f"{rel}: use store.atomic_write"

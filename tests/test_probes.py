@@ -616,7 +616,10 @@ def test_quiet_hours_converts_to_the_explicit_timezone() -> None:
     assert in_quiet_hours(utc_2230, None) is True
     with pytest.raises(ValueError):
         in_quiet_hours(utc_2230, "late-night")
-    assert parse_window(" 23:00 - 07:15 ")[1].minute == 15
+    assert parse_window("23:00-07:15")[1].minute == 15
+    for loose in (" 23:00 - 07:15 ", "7:00-23:00", "٠٧:00-23:00", "24:00-07:00"):  # strict since issue 15
+        with pytest.raises(ValueError):
+            parse_window(loose)
     assert resolve_timezone("Asia/Tokyo") == ZoneInfo("Asia/Tokyo")
     assert resolve_timezone(None) is not None
     with pytest.raises(ValueError):

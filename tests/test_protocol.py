@@ -35,7 +35,7 @@ def req(obj: object) -> bytes:
 
 @pytest.mark.parametrize("cmd", [c.value for c in Command])
 def test_every_command_parses(cmd: str) -> None:
-    args = {"ingest": {"text": "hi"}, "signal": {"away": True}}.get(cmd, {})
+    args = {"ingest": {"text": "hi"}, "signal": {"away": True}, "forget": {"sources": ["x"]}}.get(cmd, {})
     request = parse_request(req({"cmd": cmd, **args}))
     assert request.cmd.value == cmd
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from pocketd.daemon.services import (
+    TASKER_SCRIPTS,
     FileStatus,
     ServiceInstallError,
     ServiceKind,
@@ -40,9 +42,10 @@ def test_the_installed_templates_are_the_repo_files() -> None:
     for rel, path in repo.items():
         assert path.read_bytes() == pkg[rel].read_bytes(), rel
         assert os.access(path, os.X_OK) == os.access(pkg[rel], os.X_OK), rel
-    assert sorted(repo) == ["boot/start-pocketd", "pocketd.service", "sv/pocketd/down", "sv/pocketd/log/run",
-                            "sv/pocketd/run"]
-    for script in ("boot/start-pocketd", "sv/pocketd/log/run", "sv/pocketd/run"):
+    tasker = [f"tasker/{name}" for name in TASKER_SCRIPTS]
+    assert sorted(repo) == sorted(["boot/start-pocketd", "pocketd.service", "sv/pocketd/down", "sv/pocketd/finish",
+                                   "sv/pocketd/log/run", "sv/pocketd/run", *tasker])
+    for script in ("boot/start-pocketd", "sv/pocketd/log/run", "sv/pocketd/run", "sv/pocketd/finish", *tasker):
         assert os.access(repo[script], os.X_OK), f"{script} should be executable in the repo"
 
 
@@ -62,9 +65,12 @@ def test_systemd_dry_run_content(env: dict[str, str]) -> None:
     unit = files[0].content
     for line in ["Type=notify", "ExecStart=/opt/pocketd/bin/pocketd run", "Restart=on-failure", "RestartSec=30",
                  "Nice=10", "IOSchedulingClass=idle", "MemoryMax=1280M", "Environment=HF_HUB_OFFLINE=1",
-                 "TimeoutStopSec=75", "WantedBy=default.target"]:
+                 "TimeoutStopSec=75", "WantedBy=default.target",
+                 # issue 15: OOM kills of the trainer are the daemon's business; the lowest CPU weight; no network
+                 "OOMPolicy=continue", "CPUWeight=idle", "RestrictAddressFamilies=AF_UNIX", "NoNewPrivileges=yes",
+                 "UMask=0077", "ProtectSystem=strict", "ProtectHome=read-only", "PrivateNetwork=yes"]:
         assert line in unit.splitlines(), line
-    assert "@" not in unit
+    assert not re.search(r"@[A-Z_]+@", unit)
     assert not files[0].path.exists()  # dry run writes nothing
 
 
@@ -78,7 +84,9 @@ def test_termux_render(env: dict[str, str]) -> None:
     files = {f.path: f for f in render_service("termux", env=env, pocketd_command=CMD)}
     prefix, home = Path(env["PREFIX"]), Path(env["HOME"])
     svc = prefix / "var/service/pocketd"
-    assert set(files) == {svc / "run", svc / "log/run", svc / "down", home / ".termux/boot/start-pocketd"}
+    tasker = {home / ".termux/tasker" / name for name in TASKER_SCRIPTS}
+    assert set(files) == {svc / "run", svc / "log/run", svc / "finish", svc / "down",
+                          home / ".termux/boot/start-pocketd", *tasker}
     run = files[svc / "run"].content
     assert run.startswith(f"#!{prefix}/bin/sh\n")
     assert "exec 2>&1\n" in run and run.rstrip().endswith("exec /opt/pocketd/bin/pocketd run")
@@ -87,11 +95,12 @@ def test_termux_render(env: dict[str, str]) -> None:
     assert "svlogd -tt" in log_run and "var/log/sv/pocketd" in log_run and "mkdir -p" in log_run
     assert files[svc / "down"].content == "" and files[svc / "down"].mode == 0o644
     boot = files[home / ".termux/boot/start-pocketd"].content
-    assert "termux-wake-lock" in boot and '. "$PREFIX/etc/profile"' in boot and "sv up pocketd" in boot
+    # issue 15: no wake lock held from boot on (pocketd holds one only while a session trains)
+    assert "termux-wake-lock\n" not in boot and '. "$PREFIX/etc/profile"' in boot and "sv up pocketd" in boot
     for f in files.values():
         assert "@" not in f.content
         if f.content.startswith("#!"):
-            assert f.mode == 0o755
+            assert f.mode == (0o700 if f.path in tasker else 0o755)
             res = subprocess.run(["sh", "-n"], input=f.content, text=True, capture_output=True)
             assert res.returncode == 0, (f.path, res.stderr)
 
@@ -120,7 +129,8 @@ def test_install_modes_idempotence_and_refusal(env: dict[str, str]) -> None:
     assert all(f.status is FileStatus.CREATED for f in files)
     for f in files:
         assert f.path.read_text() == f.content
-        assert _mode(f.path) == (0o755 if f.content.startswith("#!") else 0o644)
+        private = f.path.parent.name == "tasker"
+        assert _mode(f.path) == (0o700 if private else 0o755 if f.content.startswith("#!") else 0o644)
     run = next(f.path for f in files if f.path.name == "run" and f.path.parent.name == "pocketd")
 
     # again: unchanged; a mode that drifted is repaired

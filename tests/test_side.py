@@ -280,8 +280,8 @@ def test_cli_train_verify_eval_generate_export_import(env):
     f = env / "side.ckpt"
     code, out = pocketd("checkpoint", "export", "1", str(f))
     assert code == 0 and oct(f.stat().st_mode & 0o777) == "0o600", out
-    code, out = pocketd("checkpoint", "import", str(f))
-    assert code == 0 and "as checkpoint 2" in out and "now current" in out, out
+    code, out = pocketd("checkpoint", "import", str(f))  # the current weights again: verified, not better
+    assert code == 0 and "as checkpoint 2 (6 steps, verified" in out and "kept as rejected" in out, out
     damaged = bytearray(f.read_bytes())
     damaged[len(damaged) // 2] ^= 1
     (env / "bad.ckpt").write_bytes(bytes(damaged))

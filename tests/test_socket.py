@@ -14,23 +14,32 @@ from typing import Any
 
 import pytest
 
-from pocketd.daemon.client import Client, DaemonError, DaemonNotRunning, request
-from pocketd.daemon.protocol import Command, Request, ok_reply
+from pocketd.daemon.client import Client, ClientError, DaemonError, DaemonNotRunning, request
+from pocketd.daemon.changes import ChangeFeed
+from pocketd.daemon.protocol import Command, Request, Stream, ok_reply
 from pocketd.daemon.server import AlreadyRunning, ControlServer, PeerCredentials, SocketError, peer_credentials
+from pocketd.daemon.watching import StatusWatch
 
 
 class Stub:
-    """A dispatcher: `status` echoes, `history` returns a big reply, `pause` blocks until released."""
+    """A dispatcher: `status` echoes, `history` returns a big reply, `pause` blocks until released,
+    `watch` streams {"n": ...} on every `feed` bump that changes `n`."""
 
     def __init__(self) -> None:
         self.calls: list[Command] = []
         self.release = threading.Event()
         self.crash = False
+        self.feed = ChangeFeed()
+        self.n = 0
+        self.watch_closed = threading.Event()
 
-    def dispatch(self, request: Request) -> dict[str, Any]:
+    def dispatch(self, request: Request) -> dict[str, Any] | Stream:
         self.calls.append(request.cmd)
         if self.crash:
             raise RuntimeError("handler bug")
+        if request.cmd is Command.WATCH:
+            return StatusWatch(lambda: {"ok": True, "n": self.n}, self.feed, request.args.heartbeat_s,
+                               on_close=self.watch_closed.set, tick_s=0.05).stream()
         if request.cmd is Command.HISTORY:
             return ok_reply(blob="x" * (8 << 20))
         if request.cmd is Command.PAUSE:
@@ -172,11 +181,67 @@ def test_slow_client_times_out(server: ControlServer, sock_path: Path) -> None:
     assert request(sock_path, "status")["ok"]
 
 
-def test_idle_connection_is_closed_quietly(server: ControlServer, sock_path: Path) -> None:
+def test_an_idle_connection_stays_open_between_requests(server: ControlServer, sock_path: Path) -> None:
+    # regression (issue 15): an idle connection was closed after request_timeout_s (an interactive
+    # `socat` broke after 10 s); the deadline is per request, from its first byte
+    with Client(sock_path, timeout_s=5) as c:
+        assert c.request("status")["ok"]
+        threading.Event().wait(3 * server.request_timeout_s)  # idle for longer than a request may take
+        assert c.request("status")["ok"]
+        assert c.request("resume")["cmd"] == "resume"
+
+
+def test_close_ends_idle_connections_at_once(sock_path: Path, stub: Stub) -> None:
+    srv = ControlServer(sock_path, stub)
+    srv.start()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
+        s.settimeout(10)
         s.connect(str(sock_path))
-        assert s.recv(100) == b""  # closed after request_timeout_s, no error reply
+        s.sendall(b'{"cmd": "status"}\n')
+        assert json.loads(s.recv(65536))["ok"]
+        started = time.monotonic()
+        srv.close(join_timeout_s=10)
+        assert s.recv(100) == b""  # closed, no error reply
+        assert time.monotonic() - started < 5  # not after a join timeout
+    assert not srv._connections
+
+
+def test_at_the_cap_the_longest_idle_connection_makes_room(sock_path: Path, stub: Stub) -> None:
+    srv = ControlServer(sock_path, stub, max_connections=4, slot_wait_s=0.2, idle_evict_s=2.0)
+    srv.start()
+    idle = []
+    try:
+        for _ in range(4):  # every slot taken by an idle client
+            c = Client(sock_path, timeout_s=5).connect()
+            assert c.request("status")["ok"]
+            idle.append(c)
+        assert raw(sock_path, b'{"cmd": "status"}\n')["error"]["code"] == "busy"  # none idle long enough
+        threading.Event().wait(2.1)  # now all four have been idle for idle_evict_s
+        assert request(sock_path, "status")["ok"]  # served, not `busy`
+        with pytest.raises(ClientError, match="closed the connection"):
+            idle[0].request("status")  # the oldest was closed for it
+        assert all(c.request("status")["ok"] for c in idle[1:])
+    finally:
+        for c in idle:
+            c.close()
+        srv.close()
+
+
+@pytest.mark.parametrize("rid", ["abc", 7, -(2**53), "", "x" * 128])
+def test_the_request_id_is_echoed(server: ControlServer, sock_path: Path, rid: object) -> None:
+    with Client(sock_path) as c:
+        assert c.raw({"cmd": "status", "id": rid}) == {"ok": True, "id": rid, "cmd": "status"}
+        error = c.raw({"cmd": "nope", "id": rid})
+        assert error["id"] == rid and error["error"]["code"] == "unknown_command"
+        assert c.raw({"cmd": "signal", "away": "x", "id": rid})["id"] == rid
+        assert "id" not in c.raw({"cmd": "status"}) and "id" not in c.raw({"cmd": "status", "id": None})
+
+
+@pytest.mark.parametrize("rid", [1.5, True, [1], {"a": 1}, "x" * 129, 2**53 + 1])
+def test_a_bad_request_id_is_refused(server: ControlServer, sock_path: Path, rid: object) -> None:
+    reply = raw(sock_path, json.dumps({"cmd": "status", "id": rid}).encode() + b"\n")
+    assert reply["error"]["code"] == "bad_request" and '"id" must be' in reply["error"]["message"]
+    assert "id" not in reply
 
 
 def test_client_disconnecting_mid_request_and_mid_reply(server: ControlServer, sock_path: Path) -> None:
@@ -323,3 +388,42 @@ def test_long_socket_path(tmp_path: Path, stub: Stub) -> None:
     finally:
         srv.close()
     assert not path.exists()
+
+
+def read_lines(s: socket.socket, n: int) -> list[dict[str, Any]]:
+    buf = b""
+    while buf.count(b"\n") < n:
+        chunk = s.recv(65536)
+        assert chunk, f"closed after {buf!r}"
+        buf += chunk
+    return [json.loads(x) for x in buf.split(b"\n")[:n]]
+
+
+def test_a_stream_outlives_a_half_close_and_ends_with_the_client(server: ControlServer, sock_path: Path,
+                                                                stub: Stub) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(sock_path))
+        s.sendall(b'{"cmd": "watch", "id": "w", "heartbeat_s": 1}\n')
+        s.shutdown(socket.SHUT_WR)  # as `nc -N` does after its input: the watch goes on
+        assert read_lines(s, 1) == [{"ok": True, "id": "w", "event": "status", "n": 0}]
+        stub.n = 1
+        stub.feed.bump()
+        assert read_lines(s, 1) == [{"ok": True, "id": "w", "event": "status", "n": 1}]
+        assert not stub.watch_closed.is_set()
+    assert stub.watch_closed.wait(10)  # the client left: the stream was closed
+    assert request(sock_path, "status")["ok"]
+
+
+def test_close_ends_a_stream_at_once(sock_path: Path, stub: Stub) -> None:
+    srv = ControlServer(sock_path, stub)
+    srv.start()
+    with Client(sock_path, timeout_s=10) as c:
+        lines = c.watch(heartbeat_s=3600)
+        assert next(lines)["event"] == "status"
+        started = time.monotonic()
+        srv.close(join_timeout_s=10)
+        with pytest.raises(ClientError, match="closed the watch"):
+            next(lines)
+        assert time.monotonic() - started < 5
+    assert stub.watch_closed.is_set()

@@ -34,7 +34,9 @@ from .daemon_helpers import add_examples, fake_trainer_command, make_config, set
 MAX_REQUEST = 16 * 1024  # the daemon's request_max_bytes here (small, so fuzzing can cross it)
 CODES = {c.value for c in ErrorCode}
 REAL = [c.value for c in Command]
-SAFE = [c for c in REAL if c != Command.SHUTDOWN.value]  # valid `shutdown` would end the fixture daemon
+# valid `shutdown` would end the fixture daemon; `watch` streams until the client closes (its own tests)
+UNSAFE = {Command.SHUTDOWN.value, Command.WATCH.value}
+SAFE = [c for c in REAL if c not in UNSAFE]
 
 # the fixtures are per test on purpose: one daemon takes every example, and must survive them all
 FUZZ = settings(max_examples=150, deadline=None,
@@ -133,7 +135,7 @@ def check(raw: bytes, expected: int | None = None) -> list[dict[str, Any]]:
         reply = json.loads(line.decode("utf-8"))
         assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool), line[:300]
         if not reply["ok"]:
-            assert set(reply) == {"ok", "error"}, reply
+            assert set(reply) - {"id"} == {"ok", "error"}, reply  # `id`: the request's, echoed
             error = reply["error"]
             assert isinstance(error, dict) and set(error) == {"code", "message"}, reply
             assert error["code"] in CODES and isinstance(error["message"], str) and error["message"], reply
@@ -166,7 +168,7 @@ def structured_requests(draw: st.DrawFn) -> dict[str, Any]:
     obj = draw(st.dictionaries(st.text(max_size=12), json_values, max_size=5))
     if draw(st.booleans()):
         obj["cmd"] = draw(any_cmd)
-    if obj.get("cmd") == Command.SHUTDOWN.value:
+    if isinstance(obj.get("cmd"), str) and obj["cmd"] in UNSAFE:
         del obj["cmd"]
     return obj
 
@@ -181,11 +183,17 @@ NOT_INT = st.text(max_size=10) | st.lists(json_scalars, max_size=3) | st.none() 
 NOT_NUMBER_OR_NULL = st.text(max_size=10) | st.booleans() | st.lists(json_scalars, max_size=3) \
     | st.dictionaries(st.text(max_size=5), json_scalars, max_size=3)
 
-VALID = {"ingest": {"text": "a note"}, "signal": {"away": False}, "history": {"sessions": 1, "events": 1}}
+NOT_LIST = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10) \
+    | st.dictionaries(st.text(max_size=5), json_scalars, max_size=3)
+
+VALID = {"ingest": {"text": "a note"}, "signal": {"away": False}, "history": {"sessions": 1, "events": 1},
+         "forget": {"sources": ["no such source"]}, "watch": {"heartbeat_s": 5}}
 WRONG = {
     "ingest": {"text": NOT_STR, "source": NOT_STR, "origin": NOT_STR.filter(lambda v: v is not None)},
     "signal": {"away": NOT_BOOL, "expires_in_s": NOT_NUMBER_OR_NULL},
     "history": {"sessions": NOT_INT, "events": NOT_INT},
+    "forget": {"documents": NOT_LIST, "sources": NOT_LIST},
+    "watch": {"heartbeat_s": NOT_NUMBER_OR_NULL | st.none()},
 }
 
 
@@ -218,8 +226,8 @@ def test_structured_requests_get_well_formed_replies(sock: Path, obj: dict[str, 
 def test_wrong_argument_types_for_every_command(sock: Path, cmd: str, data: st.DataObject) -> None:
     wrong = WRONG.get(cmd)
     if wrong is None:  # no arguments: any argument at all is refused (this covers `shutdown` too)
-        args = data.draw(st.dictionaries(st.text(max_size=10).filter(lambda k: k != "cmd"), json_values,
-                                         min_size=1, max_size=3))
+        args = data.draw(st.dictionaries(st.text(max_size=10).filter(lambda k: k not in {"cmd", "id"}),
+                                         json_values, min_size=1, max_size=3))
         bad = set(args)
     else:
         bad = set(data.draw(st.sets(st.sampled_from(sorted(wrong)), min_size=1)))

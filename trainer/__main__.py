@@ -18,8 +18,9 @@ os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 from pydantic import ValidationError  # noqa: E402
 
-from .errors import ModelNotFound, OverBudget, ReplayMismatch, TrainerError  # noqa: E402
+from .errors import ModelNotFound, OverBudget, ReplayMismatch, Stopped, TrainerError  # noqa: E402
 from .job import ExitCode, Phase, SessionStatus, TrainingJob, write_private_json  # noqa: E402
+from .parentwatch import watch_parent  # noqa: E402
 
 log = logging.getLogger("pocketd.trainer")
 
@@ -47,8 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.BAD_JOB
     stop = threading.Event()
     install_stop_handlers(stop)
+    parent_died: list[str] = []
+
+    def on_parent_death(reason: str) -> None:  # stop as on SIGTERM: finish the step, commit, exit 0
+        parent_died.append(reason)
+        stop.set()
+        log.warning("%s: finishing the current step and stopping", reason)
+
+    watch_parent(on_parent_death)
 
     def on_status(status: SessionStatus) -> None:
+        if parent_died and status.phase is Phase.DONE:  # for the next daemon's session record
+            status = status.model_copy(update={"end_reason": f"stopped: {parent_died[0]}"})
         if job.status_file is not None:
             write_private_json(job.status_file, status.model_dump(mode="json"))
 
@@ -68,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to train: %s", e)
         on_status(SessionStatus(phase=Phase.DONE, end_reason=f"refused: {e}"))
         return ExitCode.BAD_LOG
+    except Stopped as e:  # a stop during loading, converting, tokenizing, replaying or evaluating: a clean end
+        log.info("session ended: %s", e)
+        on_status(SessionStatus(phase=Phase.DONE, end_reason=str(e)))
+        return ExitCode.OK
     except TrainerError as e:
         log.error("%s", e)
         on_status(SessionStatus(phase=Phase.DONE, end_reason=str(e)))

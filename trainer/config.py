@@ -61,7 +61,7 @@ class DType(str, Enum):
 class TrainerConfig(BaseModel):
     """What the trainer trains and how."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False)
 
     method: Method = Field(
         Method.MEZO, description="Training method: mezo (forward passes only, seed-replay log) or side (AdamW on "
@@ -74,26 +74,26 @@ class TrainerConfig(BaseModel):
     )
     trainable: Trainable = Field(Trainable.LORA, description="Which tensors are trained: lora or full.")
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / rank).")
+    lora_alpha: float = Field(16.0, gt=0, le=10_000, description="LoRA scaling numerator (scale = alpha / rank).")
     lora_targets: LoraTargets = Field(
         LoraTargets.ATTENTION,
         description="Linear layers that get adapters: attention (q, k, v, o: fewer perturbed dimensions, "
         "faster replay), mlp or all.",
     )
     lora_layers: int | None = Field(
-        4, ge=1, description="Adapters only in the top N decoder layers (unset: all layers). The layers below "
+        4, ge=1, le=1024, description="Adapters only in the top N decoder layers (unset: all layers). The layers below "
         "run once per step (prefix sharing)."
     )
-    lora_seed: int = Field(0, ge=0, description="Seed of the LoRA A-matrix initialization.")
+    lora_seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of the LoRA A-matrix initialization.")
     lora_fa: bool = Field(
         True, description="LoRA-FA: keep the random A matrices frozen and train only B (half the perturbed "
         "dimensions, none of them wasted on A while B is still zero)."
     )
     lr: float = Field(
-        3e-3, gt=0, description="Learning rate eta (with step_rule normalized: the step of each coordinate)."
+        3e-3, gt=0, le=10, description="Learning rate eta (with step_rule normalized: the step of each coordinate)."
     )
     lr_schedule: LrSchedule = Field(LrSchedule.CONSTANT, description="Learning-rate schedule.")
-    eps: float = Field(1e-2, gt=0, description="Perturbation scale epsilon of the ZO estimate.")
+    eps: float = Field(1e-2, gt=0, le=1, description="Perturbation scale epsilon of the ZO estimate.")
     n_perturbations: int = Field(1, ge=1, le=64, description="Perturbations per step (each its own seed).")
     perturbation: Perturbation = Field(Perturbation.GAUSSIAN, description="Distribution of z: gaussian, rademacher or sparse (a random 10 % "
                                            "of the coordinates per step).")
@@ -113,7 +113,8 @@ class TrainerConfig(BaseModel):
         "above it for each +/- eps evaluation (same losses, fewer FLOPs)."
     )
     activation_cache_mb: int = Field(
-        256, ge=0, description="Disk cache (MiB) of the frozen-prefix activations per training window, so later "
+        256, ge=0, le=1 << 20,
+        description="Disk cache (MiB) of the frozen-prefix activations per training window, so later "
         "epochs skip the bottom layers; 0 turns it off."
     )
     side_part: SidePart = Field(
@@ -123,23 +124,28 @@ class TrainerConfig(BaseModel):
     side_lr: float = Field(1e-3, gt=0, le=1.0, description="method side: AdamW learning rate.")
     side_hidden: int = Field(256, ge=1, le=8192, description="method side, side_part mlp: width of the side MLP.")
     side_save_every_s: float = Field(
-        30.0, gt=0, description="method side: commit the trained tensors at least this often (and at the end); "
+        30.0, gt=0, le=86_400,
+        description="method side: commit the trained tensors at least this often (and at the end); "
         "a killed session loses at most this much training."
     )
     batch_size: int = Field(8, ge=1, le=1024, description="Examples per step.")
     seq_len: int = Field(128, ge=8, le=8192, description="Tokens per example (longer ones are cut).")
     micro_batch_size: int = Field(
-        8, ge=1, description="Examples per forward pass; a larger batch runs as several (bounds memory)."
+        8, ge=1, le=1024, description="Examples per forward pass; a larger batch runs as several (bounds memory)."
     )
-    seed: int | None = Field(None, ge=0, description="Session RNG seed (batches, perturbation seeds); unset: random.")
-    max_nonfinite: int = Field(5, ge=1, description="Stop the session after this many non-finite losses in a row.")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Session RNG seed (batches, perturbation seeds); unset: random."
+    )
+    max_nonfinite: int = Field(
+        5, ge=1, le=10_000, description="Stop the session after this many non-finite losses in a row."
+    )
     loss_chunk_tokens: int = Field(
-        256, ge=16, description="Tokens per chunk of the LM head + cross-entropy (bounds logits memory)."
+        256, ge=16, le=1 << 20, description="Tokens per chunk of the LM head + cross-entropy (bounds logits memory)."
     )
     dtype: DType = Field(DType.FLOAT32, description="Compute dtype of the model.")
-    hash_every: int = Field(50, ge=1, description="Store a hash of the trainable tensors every N steps.")
-    eval_examples: int = Field(64, ge=1, description="Validation examples used by the evaluation gate.")
-    threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice).")
+    hash_every: int = Field(50, ge=1, le=10**9, description="Store a hash of the trainable tensors every N steps.")
+    eval_examples: int = Field(64, ge=1, le=1_000_000, description="Validation examples used by the evaluation gate.")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads (default: torch's choice).")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainerConfig":

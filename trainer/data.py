@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from pocketd.store import Store
 
 from .loss import Batch
+from .stopping import PrepPhase, check_stop
 
 log = logging.getLogger(__name__)
 
@@ -33,33 +35,49 @@ class Item:
     ids: np.ndarray  # int32 token ids of one window, len <= seq_len
 
 
-def token_ids(store: Store, tokenizer: object, example_ids: list[int]) -> dict[int, np.ndarray]:
-    """Token ids (with EOS appended) of each example, tokenizing only those not cached yet."""
+TOKENIZE_BATCH = 256  # examples tokenized, then committed to the token cache, between stop checks
+
+
+def token_ids(store: Store, tokenizer: object, example_ids: list[int], *,
+              stop: threading.Event | None = None) -> dict[int, np.ndarray]:
+    """Token ids (with EOS appended) of each example, tokenizing only those not cached yet.
+
+    New ids are committed to the store's token cache every TOKENIZE_BATCH examples, so work
+    done before a stop (Stopped, checked after every example) is kept for the next session.
+    """
     fp = tokenizer_fingerprint(tokenizer)
     cached = store.docs.cached_tokens(fp, example_ids)
     out = {k: np.frombuffer(v, dtype=np.int32) for k, v in cached.items()}
     missing = [i for i in example_ids if i not in out]
-    if missing:
-        texts = store.docs.example_texts(missing)
-        eos = getattr(tokenizer, "eos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    done = 0
+    for start in range(0, len(missing), TOKENIZE_BATCH):
+        texts = store.docs.example_texts(missing[start : start + TOKENIZE_BATCH])
         new: dict[int, bytes] = {}
-        for ex_id, text in texts.items():
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"][:MAX_CACHED_TOKENS]  # type: ignore[operator]
-            if eos is not None and len(ids) < MAX_CACHED_TOKENS:
-                ids = [*ids, eos]
-            arr = np.asarray(ids, dtype=np.int32)
-            out[ex_id] = arr
-            new[ex_id] = arr.tobytes()
-        store.docs.cache_tokens(fp, new)
-        log.info("tokenized %d examples (%d were cached)", len(new), len(cached))
+        try:
+            for ex_id, text in texts.items():
+                check_stop(stop, PrepPhase.TOKENIZING)
+                ids = tokenizer(text, add_special_tokens=True)["input_ids"][:MAX_CACHED_TOKENS]  # type: ignore[operator]
+                if eos is not None and len(ids) < MAX_CACHED_TOKENS:
+                    ids = [*ids, eos]
+                arr = np.asarray(ids, dtype=np.int32)
+                out[ex_id] = arr
+                new[ex_id] = arr.tobytes()
+        finally:
+            if new:  # also when stopped: the next session continues from here
+                store.docs.cache_tokens(fp, new)
+                done += len(new)
+    if missing:
+        log.info("tokenized %d examples (%d were cached)", done, len(cached))
     return out
 
 
-def items_for(store: Store, tokenizer: object, split: str, seq_len: int) -> list[Item]:
+def items_for(store: Store, tokenizer: object, split: str, seq_len: int, *,
+              stop: threading.Event | None = None) -> list[Item]:
     """Every window of seq_len tokens (stride seq_len) of every example of a split, in example order."""
     ids = store.docs.example_ids(split)  # type: ignore[arg-type]
     docs = store.docs.document_ids_of_examples(ids)
-    toks = token_ids(store, tokenizer, ids)
+    toks = token_ids(store, tokenizer, ids, stop=stop)
     items: list[Item] = []
     for ex_id in ids:
         arr = toks[ex_id]

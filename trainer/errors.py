@@ -23,6 +23,21 @@ class ReplayMismatch(TrainerError):
     """Replaying a checkpoint's log did not reproduce its stored hashes."""
 
 
+class NonFiniteWeights(ReplayMismatch):
+    """Replaying or loading a checkpoint gave trainable tensors with NaN or infinite values."""
+
+
+class Stopped(TrainerError):
+    """A stop request (SIGTERM/SIGINT) arrived while preparing or running a session phase.
+
+    `phase` names what was interrupted ("converting the model", "tokenizing", ...).
+    """
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(f"stopped while {phase}")
+        self.phase = phase
+
+
 class NoTrainingData(TrainerError):
     """The store holds no examples of the split a command needs."""
 

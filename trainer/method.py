@@ -153,6 +153,25 @@ class ModelShape:
         return tokens * (self.hidden * 6 + self.inter * 3) * 4 + micro * self.heads * cfg.seq_len**2 * 4
 
 
+class ImportedFile(Protocol):
+    """A parsed checkpoint file of some method, not stored yet (trainer.transfer drives the import)."""
+
+    base_fingerprint: str
+    spec: dict[str, Any]  # checked: the method's spec_from_dict accepts it
+    n_steps: int  # steps of the whole chain
+
+    def apply(self, part: AttachedPart, progress: Progress | None = None) -> bool:
+        """Bring a fresh `part` (attached with this file's spec) to the file's trained state, comparing every
+        hash the file carries (ReplayMismatch, NonFiniteWeights); True if the final weights matched a hash
+        from the file (verified), False if the file carries no hash of them."""
+        ...
+
+    def save(self, store: Store, status: Any, note: str | None, val_loss: float | None,
+             parent_val_loss: float | None) -> int:
+        """Store the file's checkpoint(s) in one transaction, the last with `status`; return its id."""
+        ...
+
+
 @runtime_checkable
 class TrainingMethod(Protocol):
     """One training method. Implementations are stateless singletons; per-session state lives in
@@ -193,9 +212,17 @@ class TrainingMethod(Protocol):
         ...
 
     def load(self, store: Store, part: AttachedPart, ck: Checkpoint, fingerprint: str, *, verify: bool = False,
-             progress: Progress | None = None) -> int:
+             progress: Progress | None = None, snapshots: bool = True) -> int:
         """Bring a fresh `part` to checkpoint `ck`'s trained state; return the steps it holds.
-        BaseMismatch / ReplayMismatch when the checkpoint does not belong to this base or does not verify."""
+        BaseMismatch / ReplayMismatch when the checkpoint does not belong to this base or does not verify.
+        `snapshots` False: rebuild from the method's source of truth only (a seed log is replayed whole even
+        if a verified snapshot is stored; `checkpoint verify`)."""
+        ...
+
+    def save_snapshot(self, store: Store, checkpoint_id: int, part: AttachedPart) -> int:
+        """Store the part (holding checkpoint `checkpoint_id`'s trained state, verified) as the snapshot a later
+        `load` may start from; return its bytes (0: none stored, or the method's checkpoints are tensors
+        already). Only stored if the log records the same hash at that step."""
         ...
 
     def record_start(self, store: Store, checkpoint_id: int, part: AttachedPart) -> None:
@@ -225,13 +252,15 @@ class TrainingMethod(Protocol):
         """The checkpoint as a standalone file (CheckpointFileError if it cannot be exported)."""
         ...
 
-    def import_bytes(self, store: Store, data: bytes, name: str, note: str | None) -> tuple[int, int]:
-        """Parse a file of this method (CheckpointFileError naming `name`) and store it as a candidate;
-        return (checkpoint id, steps)."""
+    def read_file(self, data: bytes, name: str) -> ImportedFile:
+        """Parse and check a file of this method (CheckpointFileError naming `name`): its header, spec
+        (within the config's bounds) and step or tensor records. Nothing is stored or allocated from it."""
         ...
 
     def forget(self, store: Store, plan: ForgetPlan) -> ForgetResult:
-        """Rewrite the current chain (the current checkpoint is of this method) without the plan's steps."""
+        """Rewrite the current chain (the current checkpoint is of this method) without the plan's steps.
+        Dropping the affected and tainted checkpoints is the caller's (trainer.forget.forget_in_log, which
+        runs torch-free and so uses the same store-only functions, by trainer.forget.STYLES)."""
         ...
 
 

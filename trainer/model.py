@@ -4,8 +4,10 @@ A GGUF is dequantized by transformers, which is slow (~35 s for the default
 model, mostly parsing the GGUF metadata three times) and memory-hungry (peak
 ~1.1 GB), so the first load converts it once to a float32 safetensors copy in
 `cache_dir/models/<gguf sha256>/` and later loads map that copy (~1 s after
-the imports; bench/model_load.py measures it). The copy is written to a temporary directory under a
-file lock and renamed into place, so a killed conversion leaves no half cache.
+the imports; bench/model_load.py measures it). The conversion runs in a child process (a stop kills
+it at once) in stages (tokenizer, weights) written to a partial directory under a file lock; a
+stopped conversion keeps its finished stages for the next attempt, and the finished copy is renamed
+into place, so a killed conversion leaves no half cache.
 For dtype bfloat16 a second copy stored in bfloat16 (`<sha256>-bfloat16/`) is
 made once from the float32 one: loading float32 weights as bfloat16 would hold
 both in memory at every load, a bfloat16 file is mapped without a copy.
@@ -31,6 +33,9 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,7 +47,8 @@ import torch
 from pocketd.store.private import atomic_write, make_private_dir, tighten_dir
 
 from .config import DType
-from .errors import ModelNotFound
+from .errors import ModelNotFound, Stopped
+from .stopping import PrepPhase, check_stop
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,8 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HASH_CACHE_NAME = "file-hashes.json"
 CACHE_FORMAT = 1  # bump when the layout of a converted copy changes
 SOURCE_MARKER = "pocketd-source.json"  # what a cache dir was made from; without it, incomplete
+STAGES_MARKER = "pocketd-stages.json"  # in a partial conversion: the stages finished so far
+CONVERT_ERROR = "pocketd-convert-error.txt"  # in a partial conversion: why the converter process failed
 _CHUNK = 1 << 20
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16}
@@ -133,19 +141,21 @@ def weight_files(model_dir: Path) -> list[Path]:
 # Hashing, with a small cache keyed by (path, size, mtime)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
+            check_stop(stop, PrepPhase.HASHING)
     return h.hexdigest()
 
 
 class HashCache:
     """sha256 of big files, remembered in a JSON file while (size, mtime) stay the same."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path, stop: threading.Event | None = None) -> None:
         self.path = cache_dir / HASH_CACHE_NAME
+        self.stop = stop
         self._entries: dict[str, dict[str, Any]] | None = None
 
     def _load(self) -> dict[str, dict[str, Any]]:
@@ -169,7 +179,7 @@ class HashCache:
             return str(entry["sha256"])
         t0 = time.monotonic()
         try:
-            digest = sha256_file(path)
+            digest = sha256_file(path, self.stop)
         except OSError as e:
             raise ModelNotFound(f"{path}: cannot read: {e.strerror or e}") from e
         log.info("sha256 of %s in %.1f s", path, time.monotonic() - t0)
@@ -205,27 +215,45 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def load_base(model: str, cache_dir: Path, dtype: DType | str | torch.dtype = DType.FLOAT32) -> Base:
-    """Load the configured base model (see the module docstring); ModelNotFound naming the path if it cannot."""
+def load_base(model: str, cache_dir: Path, dtype: DType | str | torch.dtype = DType.FLOAT32, *,
+              stop: threading.Event | None = None) -> Base:
+    """Load the configured base model (see the module docstring); ModelNotFound naming the path if it cannot.
+
+    Stopped if `stop` is set while hashing, converting (the converter process is killed; finished
+    stages are kept) or loading (checked before and after transformers' load, a few seconds at most).
+    """
     t0 = time.monotonic()
+    check_stop(stop, PrepPhase.LOADING)
     path = resolve_model(model)
     cache_dir = Path(cache_dir).expanduser()
-    hashes = HashCache(cache_dir)
+    hashes = HashCache(cache_dir, stop)
     dt = torch_dtype(dtype)
     converted = False  # a directory is loaded as it is
     if path.suffix.lower() == ".gguf":
         fingerprint = hashes.sha256(path)
-        hf_model, tokenizer, cached, converted = _load_gguf(path, fingerprint, cache_dir, dt)
+        hf_model, tokenizer, cached, converted = _load_gguf(path, fingerprint, cache_dir, dt, stop=stop)
         source, model_dir = f"{path} (GGUF, cached as {cached})", cached
     else:
         _check_model_dir(path)
         fingerprint = dir_fingerprint(path, hashes)
+        check_stop(stop, PrepPhase.LOADING)
         hf_model, tokenizer = _load_dir(path, dt)
         source, model_dir = str(path), path
+    check_stop(stop, PrepPhase.LOADING)
     _freeze(hf_model)
     seconds = time.monotonic() - t0
     log.info("loaded %s in %.1f s (fingerprint %s)", source, seconds, fingerprint[:12])
     return Base(hf_model, tokenizer, fingerprint, source, seconds, path, model_dir, converted)
+
+
+def base_fingerprint(model: str, cache_dir: Path, *, stop: threading.Event | None = None) -> str:
+    """The fingerprint `load_base` would give `model`, from file hashes only (nothing is loaded)."""
+    path = resolve_model(model)
+    hashes = HashCache(Path(cache_dir).expanduser(), stop)
+    if path.suffix.lower() == ".gguf":
+        return hashes.sha256(path)
+    _check_model_dir(path)
+    return dir_fingerprint(path, hashes)
 
 
 def _check_model_dir(path: Path) -> None:
@@ -283,16 +311,18 @@ def cached_copy(model: str, cache_dir: Path, dtype: DType | str | torch.dtype = 
     return final if _is_complete(final) else None
 
 
-def _load_gguf(gguf: Path, sha: str, cache_dir: Path, dtype: torch.dtype,
-               retry: bool = True) -> tuple[Any, Any, Path, bool]:
+def _load_gguf(gguf: Path, sha: str, cache_dir: Path, dtype: torch.dtype, retry: bool = True, *,
+               stop: threading.Event | None = None) -> tuple[Any, Any, Path, bool]:
     """(model, tokenizer, cached dir, converted now) for a GGUF; a damaged cache is rebuilt once."""
     made = False
     try:
-        fp32, made = ensure_converted(gguf, sha, cache_dir)
+        fp32, made = ensure_converted(gguf, sha, cache_dir, stop=stop)
         target = fp32
         if dtype != torch.float32:
+            check_stop(stop, PrepPhase.CONVERTING)
             target, cast = ensure_cast(fp32, converted_dir(cache_dir, sha, dtype), dtype)
             made = made or cast
+        check_stop(stop, PrepPhase.LOADING)
         return (*_load_dir(target, dtype), target, made)
     except ModelNotFound as e:
         if made or not retry:
@@ -300,21 +330,30 @@ def _load_gguf(gguf: Path, sha: str, cache_dir: Path, dtype: torch.dtype,
         log.warning("the cached copy of %s is unusable (%s); converting it again", gguf.name, e)
         for d in {converted_dir(cache_dir, sha), converted_dir(cache_dir, sha, dtype)}:
             shutil.rmtree(d, ignore_errors=True)
-    return _load_gguf(gguf, sha, cache_dir, dtype, retry=False)
+    return _load_gguf(gguf, sha, cache_dir, dtype, retry=False, stop=stop)
 
 
-def ensure_converted(gguf: Path, gguf_sha256: str, cache_dir: Path) -> tuple[Path, bool]:
-    """The cached float32 safetensors copy of `gguf` (made now if missing); True if this call made it."""
+def ensure_converted(gguf: Path, gguf_sha256: str, cache_dir: Path, *,
+                     stop: threading.Event | None = None) -> tuple[Path, bool]:
+    """The cached float32 safetensors copy of `gguf` (made now if missing); True if this call made it.
+
+    The conversion keeps its progress: its stages (tokenizer, weights) are written into the
+    partial dir, which a stop leaves in place for the next attempt to continue from.
+    """
     final = converted_dir(cache_dir, gguf_sha256)
 
     def build(partial: Path) -> None:
         log.info("converting %s to safetensors in %s (once)", gguf, final)
-        convert_gguf(gguf, partial)
+        if stop is None:
+            convert_gguf(gguf, partial)
+        else:
+            convert_gguf(gguf, partial, stop=stop)
+        (partial / STAGES_MARKER).unlink(missing_ok=True)
         atomic_write(partial / SOURCE_MARKER, json.dumps({
             "format": CACHE_FORMAT, "gguf": str(gguf), "sha256": gguf_sha256, "dtype": "float32",
         }, indent=1))
 
-    return final, _build_once(final, build)
+    return final, _build_once(final, build, resumable=True)
 
 
 def ensure_cast(fp32_dir: Path, final: Path, dtype: torch.dtype) -> tuple[Path, bool]:
@@ -347,8 +386,13 @@ def ensure_cast(fp32_dir: Path, final: Path, dtype: torch.dtype) -> tuple[Path, 
     return final, _build_once(final, build)
 
 
-def _build_once(final: Path, build: Callable[[Path], None]) -> bool:
-    """Make cache dir `final` with build(tmp dir) under a lock, renamed into place; False if it existed."""
+def _build_once(final: Path, build: Callable[[Path], None], *, resumable: bool = False) -> bool:
+    """Make cache dir `final` with build(tmp dir) under a lock, renamed into place; False if it existed.
+
+    `resumable`: a partial dir holding finished stages (STAGES_MARKER of this format) is kept
+    for build to continue, and a Stopped build leaves its partial dir for the next one; any
+    other partial dir (left by a killed or failed build) is cleared.
+    """
     if _is_complete(final):
         return False
     models = tighten_dir(make_private_dir(final.parent))
@@ -356,7 +400,8 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> bool:
         if _is_complete(final):  # another process made it while we waited
             return False
         partial = models / f".{final.name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)  # left by a killed build
+        if not (resumable and finished_stages(partial)):
+            shutil.rmtree(partial, ignore_errors=True)  # left by a killed build
         if final.exists():
             shutil.rmtree(final)
         tighten_dir(make_private_dir(partial))
@@ -367,6 +412,10 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> bool:
                 p.chmod(0o600)
             _fsync_tree(partial)
             os.rename(partial, final)
+        except Stopped:
+            if not (resumable and finished_stages(partial)):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -376,24 +425,73 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> bool:
     return True
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize `gguf` with transformers and save it (float32 safetensors + tokenizer) in `out_dir`."""
+def convert_gguf(gguf: Path, out_dir: Path, *, stop: threading.Event | None = None) -> None:
+    """Dequantize `gguf` into `out_dir` (float32 safetensors + tokenizer) in a child process.
+
+    transformers' GGUF load is one long call (~40 s for the default model here, minutes on a
+    phone) that cannot be interrupted in-process; in a child (`python -m pocketd.trainer.convert`)
+    a stop kills it within ~0.1 s (Stopped), its ~1 GB peak goes back to the OS when it exits,
+    and the stages it finished (STAGES_MARKER) stay in `out_dir` for the next attempt. The child
+    dies with its parent (PR_SET_PDEATHSIG). ModelNotFound naming the GGUF if it cannot convert it.
+    """
+    error_file = out_dir / CONVERT_ERROR
+    error_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pocketd.trainer.convert", str(gguf), str(out_dir), str(os.getpid())]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                check_stop(stop, PrepPhase.CONVERTING)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        try:
+            reason = error_file.read_text(encoding="utf-8")[:2000]
+        except OSError:
+            reason = f"the converter process exited with status {code}"
+        raise ModelNotFound(f"{gguf}: cannot load the GGUF: {reason}")
+
+
+def convert_stages(gguf: Path, out_dir: Path) -> None:
+    """The conversion itself (in the converter process): each stage not finished yet, recorded in
+    STAGES_MARKER when done. ModelNotFound if the GGUF cannot be read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf.parent), gguf.name
+    done = finished_stages(out_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        tokenizer.save_pretrained(out_dir)
-        del tokenizer
-        loaded = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, local_files_only=True, dtype=torch.float32
-        )
+        if "tokenizer" not in done:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            tokenizer.save_pretrained(out_dir)
+            del tokenizer
+            atomic_write(out_dir / STAGES_MARKER, json.dumps({"format": CACHE_FORMAT, "done": ["tokenizer"]}))
+            log.info("conversion stage done: tokenizer")
+        with _no_progress_bars():
+            loaded = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, local_files_only=True, dtype=torch.float32
+            )
     except MemoryError:
         raise
     except Exception as e:  # gguf raises ValueError/IndexError/struct errors on a corrupt file
-        raise ModelNotFound(f"{gguf}: cannot load the GGUF: {type(e).__name__}: {e}") from e
+        raise ModelNotFound(f"{type(e).__name__}: {e}") from e
     save_plain_model(loaded, out_dir)
     del loaded
+
+
+def finished_stages(partial: Path) -> list[str]:
+    """The conversion stages a partial dir holds (STAGES_MARKER of the current format), else []."""
+    try:
+        data = json.loads((partial / STAGES_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("done"), list):
+        return []
+    return [str(x) for x in data["done"]]
 
 
 def save_plain_model(hf_model: Any, out_dir: Path) -> None:

@@ -25,16 +25,18 @@ from typing import Any
 
 import torch
 
-from pocketd.store import Checkpoint, Status, Store
+from pocketd.store import Checkpoint, CheckpointForgotten, DocumentsForgotten, Status, Store
 
 from .budget import estimate_need_mb, rss_mb
 from .config import TrainerConfig
 from .data import BatchSampler, items_for, pad_id_of
-from .errors import OverBudget
+from .errors import OverBudget, ReplayMismatch
 from .evaluate import EvalResult, eval_items, evaluate
+from .forget import unhashed
 from .job import ExitCode, Phase, SessionStatus, TrainingJob
 from .method import SessionContext, TrainingMethod
 from .registry import method_for
+from .stopping import PrepPhase, check_stop
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,12 @@ class EndReason(str, Enum):
     OVER_BUDGET = "memory budget exceeded"
     DIVERGED = "non-finite losses"
     NO_DATA = "no training data"
+    FORGOTTEN = "documents forgotten"  # forget dropped the candidate or a document of the step: nothing of it kept
 
 
 EXIT_CODES = {
     EndReason.STEPS: ExitCode.OK, EndReason.TIME: ExitCode.OK, EndReason.STOPPED: ExitCode.OK,
-    EndReason.NO_DATA: ExitCode.OK, EndReason.OVER_BUDGET: ExitCode.OVER_BUDGET,
+    EndReason.NO_DATA: ExitCode.OK, EndReason.FORGOTTEN: ExitCode.OK, EndReason.OVER_BUDGET: ExitCode.OVER_BUDGET,
     EndReason.DIVERGED: ExitCode.DIVERGED,
 }
 
@@ -96,6 +99,11 @@ def run_session(
     store = Store.open(job.database)
     try:
         return _run(job, store, stop, status, on_status, load_base)
+    except DocumentsForgotten as e:  # forget dropped what this session started from, before its first step
+        log.warning("%s: the session ends, nothing of it was kept", e)
+        status.phase, status.end_reason = Phase.DONE, EndReason.FORGOTTEN.value
+        on_status(status)
+        return SessionOutcome(None, 0, EndReason.FORGOTTEN, peak_rss_mb=rss_mb())
     finally:
         store.close()
 
@@ -110,6 +118,7 @@ class Loaded:
     val_items: list[Any]
     pad: int
     deadline: float
+    stop: threading.Event | None = None  # a stop request ends the evaluation between batches (Stopped)
 
     def eval_now(self) -> EvalResult | None:
         """Validation loss of the model as it is now (None when the job skips the gate or has no examples)."""
@@ -117,20 +126,27 @@ class Loaded:
         if not (self.job.evaluate and self.val_items):
             return None
         return evaluate(self.base.model, self.val_items, pad_id=self.pad, batch_size=cfg.batch_size,
-                        micro_batch=cfg.micro_batch_size, chunk_tokens=cfg.loss_chunk_tokens)
+                        micro_batch=cfg.micro_batch_size, chunk_tokens=cfg.loss_chunk_tokens, stop=self.stop)
 
 
-def load_session(job: TrainingJob, store: Store, load_base: Callable[..., Any]) -> Loaded | None:
-    """Load the base and the examples (None: no training examples, nothing to do)."""
+def load_session(job: TrainingJob, store: Store, load_base: Callable[..., Any],
+                 stop: threading.Event | None = None) -> Loaded | None:
+    """Load the base and the examples (None: no training examples, nothing to do).
+
+    Stopped if `stop` is set while loading, converting or tokenizing (within a unit of work: a
+    file chunk, an example; the GGUF converter process is killed); finished conversion stages and
+    tokenized examples are kept for the next session.
+    """
     cfg = job.trainer
     deadline = time.monotonic() + job.max_minutes * 60 if job.max_minutes else math.inf
-    base = load_base(cfg.model, job.cache_dir, cfg.dtype)
-    train_items = items_for(store, base.tokenizer, "train", cfg.seq_len)
+    base = load_base(cfg.model, job.cache_dir, cfg.dtype, stop=stop)
+    train_items = items_for(store, base.tokenizer, "train", cfg.seq_len, stop=stop)
     if not train_items:
         log.warning("no training examples in the store: nothing to do")
         return None
-    val_items = eval_items(items_for(store, base.tokenizer, "validation", cfg.seq_len), cfg.eval_examples)
-    return Loaded(job, base, train_items, val_items, pad_id_of(base.tokenizer), deadline)
+    val_items = eval_items(items_for(store, base.tokenizer, "validation", cfg.seq_len, stop=stop),
+                           cfg.eval_examples)
+    return Loaded(job, base, train_items, val_items, pad_id_of(base.tokenizer), deadline, stop)
 
 
 def end_reason(stop: threading.Event, job: TrainingJob, steps: int, deadline: float) -> EndReason | None:
@@ -199,7 +215,7 @@ def _resumable(store: Store, method: TrainingMethod, parent: Checkpoint | None, 
 def _run(job: TrainingJob, store: Store, stop: threading.Event, status: SessionStatus,
          on_status: Callable[[SessionStatus], None], load_base: Callable[..., Any]) -> SessionOutcome:
     cfg: TrainerConfig = job.trainer
-    loaded = load_session(job, store, load_base)
+    loaded = load_session(job, store, load_base, stop)
     if loaded is None:
         return SessionOutcome(None, 0, EndReason.NO_DATA, peak_rss_mb=rss_mb())
     base, deadline, eval_now = loaded.base, loaded.deadline, loaded.eval_now
@@ -218,7 +234,7 @@ def _run(job: TrainingJob, store: Store, stop: threading.Event, status: SessionS
     start_from = resumed or parent
     if start_from is not None:
         # Every stored hash is compared: a checkpoint that does not verify is never trained on.
-        n = method.load(store, part, start_from, base.fingerprint, verify=True)
+        n = load_start(store, method, part, start_from, base.fingerprint, stop)
         log.info("restored checkpoint %d (%d steps)", start_from.id, n)
     ck_id, step, parent_eval = open_candidate(
         store, resumed, parent.id if parent else None, method.key.value, base.fingerprint, spec,
@@ -245,7 +261,7 @@ def _run(job: TrainingJob, store: Store, stop: threading.Event, status: SessionS
                     break
                 continue
             nonfinite_run = 0
-            trainer.commit(items, res, step)
+            trainer.commit(items, res, step)  # DocumentsForgotten: forget got there first, nothing committed
             step += 1
             chain_steps += 1
             outcome.step_backoffs += int(res.backed_off)
@@ -254,15 +270,50 @@ def _run(job: TrainingJob, store: Store, stop: threading.Event, status: SessionS
                 break
         outcome.end_reason = reason
         trainer.finish(step, outcome.steps)
+    except DocumentsForgotten as e:
+        # The weights in memory hold an update computed on forgotten text (or continue a dropped
+        # candidate): end now, without `finish` (it would commit them). What was committed before is
+        # clean: forget dropped every checkpoint whose steps used the documents.
+        log.warning("%s: the session ends", e)
+        outcome.end_reason = EndReason.FORGOTTEN
     finally:
         trainer.close()
-    if outcome.end_reason in (EndReason.STOPPED, EndReason.DIVERGED, EndReason.OVER_BUDGET) or step == 0:
+    if outcome.end_reason in (EndReason.STOPPED, EndReason.DIVERGED, EndReason.OVER_BUDGET,
+                              EndReason.FORGOTTEN) or step == 0:
         # Left as a candidate: the next session resumes it, or the gate runs then.
         status.phase, status.end_reason = Phase.DONE, outcome.end_reason.value
         on_status(status)
         return outcome
-    gate(store, ck_id, eval_now, parent_eval, outcome, status, on_status, job)
+    try:
+        gate(store, ck_id, eval_now, parent_eval, outcome, status, on_status, job)
+    except DocumentsForgotten as e:  # forget dropped the candidate while it was being evaluated
+        log.warning("%s: not promoted", e)
+        outcome.end_reason, outcome.promoted = EndReason.FORGOTTEN, None
+        status.phase, status.end_reason, status.promoted = Phase.DONE, outcome.end_reason.value, None
+        on_status(status)
     return outcome
+
+
+def load_start(store: Store, method: TrainingMethod, part: Any, ck: Checkpoint, fingerprint: str,
+               stop: threading.Event | None = None) -> int:
+    """Bring `part` to checkpoint `ck` (verifying every stored hash); return the steps it holds.
+
+    A checkpoint forget dropped meanwhile is CheckpointForgotten, not a corrupt log; a chain forget
+    rebuilt without hashes (the socket's forget cannot replay it) gets its end hash recorded now, so
+    `checkpoint verify` covers it from here on.
+    """
+    try:
+        n = method.load(store, part, ck, fingerprint, verify=True,
+                        progress=lambda _done, _total: check_stop(stop, PrepPhase.REPLAYING))
+    except ReplayMismatch:
+        if store.log.get(ck.id).status is Status.FORGOTTEN:
+            raise CheckpointForgotten(f"checkpoint {ck.id} was dropped by forget while it was loaded") from None
+        raise
+    if unhashed(store, ck.id) and n == sum(c.n_steps for c in store.log.chain(ck.id)):
+        store.log.add_hash(ck.id, ck.n_steps, part.params.sha256())
+        log.info("checkpoint %d (rebuilt by forget) was not hashed yet: recorded its hash after %d steps", ck.id, n)
+        method.save_snapshot(store, ck.id, part)  # and the snapshot beside it: the next load replays nothing
+    return n
 
 
 def gate(store: Store, ck_id: int, eval_now: Callable[[], EvalResult | None], parent_eval: EvalResult | None,

@@ -22,11 +22,13 @@ import torch
 from torch import nn
 
 from .config import SidePart, Trainable, TrainerConfig
-from .errors import ReplayMismatch, SpecError
+from .errors import CheckpointFileError, ReplayMismatch, SpecError
 from .lora import LoraSpec, attach_lora
 from .params import TrainableSet, trainable_set
+from .replay import check_finite
 from .prefix import Parts
 from .method import check_base
+from .specbounds import MAX_SEED, check_lora_fit, config_bounds, lora_from_dict
 
 if TYPE_CHECKING:
     from pocketd.store import Checkpoint, Store
@@ -47,13 +49,26 @@ class SideSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SideSpec":
-        """The spec of a stored dict; SpecError if it is not a side spec (of a part this build has)."""
+        """The spec of a stored dict, within the config's bounds; SpecError if it is not a side spec (of a
+        part this build has)."""
+        if not isinstance(d, dict) or set(d) - {"side", "lora", "hidden", "seed"}:
+            raise SpecError(f"not a side trainable-part spec: {str(d)[:200]}")
         try:
-            part = SidePart(d["side"])
-            lora = LoraSpec(**d["lora"]) if d.get("lora") else None
-            return cls(part, lora=lora, hidden=d.get("hidden"), seed=int(d.get("seed", 0)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise SpecError(f"not a side trainable-part spec: {d!r} ({e})") from e
+            part = SidePart(d.get("side"))
+        except ValueError as e:
+            raise SpecError(f"not a side trainable-part spec: {e}") from None
+        seed = d.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise SpecError(f"side spec: seed {seed!r} out of range")
+        lora = lora_from_dict(d["lora"], "side spec") if d.get("lora") is not None else None
+        hidden = d.get("hidden")
+        if hidden is not None:
+            config_bounds({"side_hidden": hidden}, "side spec")
+        if part is SidePart.ADAPTERS and (lora is None or lora.layers is None or hidden is not None):
+            raise SpecError("side spec: part adapters needs a lora spec with layers (and no hidden width)")
+        if part is SidePart.MLP and (hidden is None or lora is not None):
+            raise SpecError("side spec: part mlp needs a hidden width (and no lora spec)")
+        return cls(part, lora=lora, hidden=hidden, seed=seed)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"side": self.part.value, "seed": self.seed}
@@ -134,6 +149,7 @@ class AdaptersPart:
     def attach(self, model: nn.Module, spec: SideSpec) -> Attached:
         if spec.lora is None:
             raise SpecError("side spec: part adapters without a lora spec")
+        check_lora_fit(model, spec.lora)
         loras = attach_lora(model, spec.lora)
         leaves = [p for path in sorted(loras) for p in (loras[path].lora_A, loras[path].lora_B)]
         params = trainable_set(model, Trainable.LORA, lora_fa=False)
@@ -185,25 +201,50 @@ def pack_state(params: TrainableSet, metadata: dict[str, str] | None = None) -> 
     return save({n: t.detach().contiguous() for n, t in zip(params.names, params.tensors)}, metadata=metadata)
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
 def load_state(params: TrainableSet, data: bytes, what: str) -> None:
-    """Copy stored tensors into params in place; ReplayMismatch (naming `what`) if they do not fit."""
+    """Copy stored tensors into params in place; ReplayMismatch (naming `what`) if they do not fit.
+
+    The safetensors header (names, dtypes, shapes, byte ranges) is checked against params
+    before any tensor is loaded, so a forged header allocates nothing.
+    """
     from safetensors.torch import load
 
+    from .sidefile import tensor_header
+
+    try:
+        header = tensor_header(data, what)
+    except CheckpointFileError as e:
+        raise ReplayMismatch(f"{what}: stored tensors are unreadable ({str(e).removeprefix(what + ': ')}); "
+                             "the checkpoint is corrupt") from None
+    if set(header) != set(params.names):
+        missing = sorted(set(params.names) - set(header))[:3]
+        raise ReplayMismatch(f"{what}: stored tensors do not match the spec (missing {missing or 'none'}, "
+                             f"{len(header)} stored vs {len(params.names)} expected)")
+    for name, t in zip(params.names, params.tensors):
+        dtype, shape = header[name]
+        if shape != tuple(t.shape) or dtype != _ST_DTYPES.get(t.dtype):
+            raise ReplayMismatch(f"{what}: tensor {name} is {shape} {dtype}, "
+                                 f"the spec needs {tuple(t.shape)} {_ST_DTYPES.get(t.dtype, t.dtype)}")
     try:
         stored = load(data)
     except Exception as e:  # safetensors raises its own SafetensorError or ValueError on bad bytes
         raise ReplayMismatch(f"{what}: stored tensors are unreadable ({e}); the checkpoint is corrupt") from e
-    if set(stored) != set(params.names):
-        missing = sorted(set(params.names) - set(stored))[:3]
-        raise ReplayMismatch(f"{what}: stored tensors do not match the spec (missing {missing or 'none'}, "
-                             f"{len(stored)} stored vs {len(params.names)} expected)")
     with torch.no_grad():
         for name, t in zip(params.names, params.tensors):
-            s = stored[name]
-            if s.shape != t.shape or s.dtype != t.dtype:
-                raise ReplayMismatch(f"{what}: tensor {name} is {tuple(s.shape)} {s.dtype}, "
-                                     f"the spec needs {tuple(t.shape)} {t.dtype}")
-            t.copy_(s)
+            t.copy_(stored[name])
+
+
+def load_verified_state(params: TrainableSet, data: bytes, sha: str, what: str) -> None:
+    """load_state, then the tensors' hash against `sha` (ReplayMismatch) and finiteness (NonFiniteWeights)."""
+    load_state(params, data, what)
+    actual = params.sha256()
+    if actual != sha:
+        raise ReplayMismatch(f"{what}: stored tensors hash to {actual[:12]}, the checkpoint says {sha[:12]}; "
+                             "the checkpoint is corrupt")
+    check_finite(params, what)
 
 
 def load_side_state(store: Store, att: Attached, ck: Checkpoint, fingerprint: str, *, verify: bool = True) -> int:
@@ -228,4 +269,5 @@ def load_side_state(store: Store, att: Attached, ck: Checkpoint, fingerprint: st
     if n_steps != ck.n_steps:
         raise ReplayMismatch(f"checkpoint {ck.id}: stored tensors are of step {n_steps}, the checkpoint "
                              f"records {ck.n_steps}; the checkpoint is corrupt")
+    check_finite(att.params, f"checkpoint {ck.id}")
     return n_steps

@@ -111,8 +111,9 @@ def make_tiny_model(
 
 def make_tiny_model_dir(path: Path, seed: int = 0, **shape: int | float) -> Path:
     """Write a tiny model + tokenizer to `path` (created) as a Hugging Face model directory."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    from pocketd.store import make_private_dir
+
+    path = make_private_dir(Path(path))
     model = make_tiny_model(seed, **shape)  # type: ignore[arg-type]
     model.save_pretrained(path, safe_serialization=True)
     make_tokenizer().save_pretrained(path)  # type: ignore[attr-defined]

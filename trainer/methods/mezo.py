@@ -25,6 +25,7 @@ from ..actcache import ActivationCache
 from ..ckptfile import CheckpointFile, Segment
 from ..config import LrSchedule, Method, Trainable, TrainerConfig, activation_cache_dir
 from ..data import Item, collate
+from ..forget import rebuild_chain
 from ..job import TrainingJob
 from ..lora import LoraSpec
 from ..loss import mean_loss
@@ -32,7 +33,10 @@ from ..method import ForgetPlan, ForgetResult, ModelShape, Progress, SessionCont
 from ..multi import estimate_batched
 from ..params import TrainableSet
 from ..prefix import Parts, PrefixUnsupported, batch_prefixes, first_trainable_layer, suffix_mean_loss
-from ..replay import Spec, estimator_dict, prepare_model, record_hashes, replay
+from ..errors import CheckpointFileError, SpecError
+from ..replay import (LogSegment, ReplayRule, Spec, estimator_dict, prepare_model, record_hashes, replay,
+                      replay_segments)
+from ..snapshot import take as take_snapshot
 from ..stepsize import StepSizer
 from ..zo import Restore, StepResult, apply_update, estimate, f32
 
@@ -130,8 +134,13 @@ class MezoTrainer:
             store.docs.mark_trained([it.example_id for it in items])
 
     def finish(self, steps: int, session_steps: int) -> None:
-        if session_steps and steps % self.cfg.hash_every != 0:
-            self.ctx.store.log.add_hash(self.ctx.checkpoint_id, steps, self.params.sha256())
+        if not session_steps:
+            return
+        sha = self.params.sha256()
+        if steps % self.cfg.hash_every != 0:
+            self.ctx.store.log.add_hash(self.ctx.checkpoint_id, steps, sha)
+        # The end hash is committed: a verified snapshot beside it spares the next load the replay.
+        take_snapshot(self.ctx.store, self.ctx.checkpoint_id, steps, self.params, sha)
 
     def close(self) -> None:
         pass
@@ -145,55 +154,71 @@ def to_file(store: Store, checkpoint_id: int) -> CheckpointFile:
     return CheckpointFile(last.base_fingerprint, last.spec, last.method, last.torch_version, segments)
 
 
-def from_file(store: Store, ck: CheckpointFile, status: Status = Status.CANDIDATE, note: str | None = None) -> int:
-    """Recreate the file's chain in the store (one checkpoint per segment); return the last id."""
+def from_file(store: Store, ck: CheckpointFile, status: Status = Status.CANDIDATE, note: str | None = None, *,
+              val_loss: float | None = None, parent_val_loss: float | None = None) -> int:
+    """Recreate the file's chain in the store in one transaction (one checkpoint per segment, the last
+    with `status`); return the last id."""
     if not ck.segments:
         raise ValueError("checkpoint file has no segments")
     parent: int | None = None
     with store.db.atomic():
-        for i, seg in enumerate(ck.segments):
-            last = i == len(ck.segments) - 1
+        for seg in ck.segments:
             cid = store.log.create(
                 parent_id=parent, method=ck.method, base_fingerprint=ck.base_fingerprint, spec=ck.spec,
-                estimator=seg.estimator, torch_version=ck.torch_version,
-                status=status if last else Status.SUPERSEDED, note=note,
+                estimator=seg.estimator, torch_version=ck.torch_version, status=Status.SUPERSEDED, note=note,
             )
             for rec in seg.steps:
                 store.log.append_step(cid, rec)
             for n, sha in seg.hashes.items():
                 store.log.add_hash(cid, n, sha)
             parent = cid
+        store.log.set_status(cid, status, val_loss=val_loss, parent_val_loss=parent_val_loss)
     return cid
 
 
-def rebuild_without(store: Store, plan: ForgetPlan) -> int:
-    """A new current chain from the current one minus the plan's steps; return its last checkpoint.
+@dataclass
+class MezoFile:
+    """A parsed mezo checkpoint file (ImportedFile): its chain, replayed from the file's bytes."""
 
-    The remaining steps keep their order and logged scalars; the result is a different (but
-    well-defined) model, so the rebuilt checkpoints carry no hashes until `record_hashes`.
-    """
-    if plan.current_id is None:
-        raise ValueError("forget: no current checkpoint to rebuild")
-    chain = store.log.chain(plan.current_id)
-    with store.db.atomic():
-        parent: int | None = None
-        for ck in chain:
-            drop = plan.affected.get(ck.id, set())
-            kept = [r for r in store.log.steps(ck.id, with_documents=True) if r.step not in drop]
-            if not kept and ck is not chain[-1]:
-                continue
-            cid = store.log.create(
-                parent_id=parent, method=ck.method, base_fingerprint=ck.base_fingerprint, spec=ck.spec,
-                estimator=ck.estimator, torch_version=ck.torch_version, status=Status.SUPERSEDED,
-                note=f"rebuilt from checkpoint {ck.id} without forgotten documents",
-            )
-            for i, r in enumerate(kept):
-                store.log.append_step(cid, StepRecord(i, r.seeds, r.grads, r.lr, r.loss, r.document_ids))
-            parent = cid
-        if parent is None:  # cannot happen: the last chain member is always recreated
-            raise RuntimeError("forget: rebuilt chain is empty")
-        store.log.set_status(parent, Status.CURRENT)
-    return parent
+    file: CheckpointFile
+    name: str
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.file.base_fingerprint
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.file.spec
+
+    @property
+    def n_steps(self) -> int:
+        return self.file.n_steps
+
+    def apply(self, part: MezoPart, progress: Progress | None = None) -> bool:
+        segs = self.file.segments
+        log_segments = [LogSegment(f"{self.name} segment {i}", ReplayRule.of(seg.estimator, f"{self.name} segment {i}"),
+                                   len(seg.steps), seg.steps, seg.hashes) for i, seg in enumerate(segs)]
+        replay_segments(part.params, log_segments, lambda i: set(log_segments[i].hashes), progress)
+        return len(segs[-1].steps) in segs[-1].hashes
+
+    def save(self, store: Store, status: Status, note: str | None, val_loss: float | None,
+             parent_val_loss: float | None) -> int:
+        return from_file(store, self.file, status, note, val_loss=val_loss, parent_val_loss=parent_val_loss)
+
+
+def read_file(data: bytes, name: str) -> MezoFile:
+    """A mezo checkpoint file, parsed and checked (spec and estimators included); CheckpointFileError."""
+    f = ckptfile.unpack(data, name)
+    if f.method != Method.MEZO.value:
+        raise CheckpointFileError(f"{name}: a seed-log file of method {f.method[:40]!r}, not mezo")
+    try:
+        Spec.from_dict(f.spec)
+        for i, seg in enumerate(f.segments):
+            ReplayRule.of(seg.estimator, f"segment {i}")
+    except SpecError as e:
+        raise CheckpointFileError(f"{name}: {e}") from None
+    return MezoFile(f, name)
 
 
 class MezoMethod:
@@ -225,8 +250,11 @@ class MezoMethod:
         return MezoPart(spec, prepare_model(model, spec))
 
     def load(self, store: Store, part: MezoPart, ck: Checkpoint, fingerprint: str, *, verify: bool = False,
-             progress: Progress | None = None) -> int:
-        return replay(store, part.params, ck.id, fingerprint, verify=verify, progress=progress)
+             progress: Progress | None = None, snapshots: bool = True) -> int:
+        return replay(store, part.params, ck.id, fingerprint, verify=verify, progress=progress, snapshots=snapshots)
+
+    def save_snapshot(self, store: Store, checkpoint_id: int, part: MezoPart) -> int:
+        return take_snapshot(store, checkpoint_id, store.log.get(checkpoint_id).n_steps, part.params)
 
     def record_start(self, store: Store, checkpoint_id: int, part: MezoPart) -> None:
         store.log.add_hash(checkpoint_id, 0, part.params.sha256())
@@ -252,14 +280,13 @@ class MezoMethod:
     def export_bytes(self, store: Store, checkpoint_id: int) -> bytes:
         return ckptfile.pack(to_file(store, checkpoint_id))
 
-    def import_bytes(self, store: Store, data: bytes, name: str, note: str | None) -> tuple[int, int]:
-        f = ckptfile.unpack(data, name)
-        return from_file(store, f, note=note), f.n_steps
+    def read_file(self, data: bytes, name: str) -> MezoFile:
+        return read_file(data, name)
 
     def forget(self, store: Store, plan: ForgetPlan) -> ForgetResult:
         if not plan.current_affected or plan.current_id is None:
             return ForgetResult(None, rebuilt=False)
-        return ForgetResult(rebuild_without(store, plan), rebuilt=True)
+        return ForgetResult(rebuild_chain(store, plan), rebuilt=True)  # torch-free: the daemon runs it too
 
 
 METHOD = MezoMethod()

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,11 +30,12 @@ from ..actcache import ActivationCache
 from ..backprop import loss_backward
 from ..config import Method, TrainerConfig, activation_cache_dir
 from ..data import Item, collate
-from ..errors import CheckpointFileError
+from ..errors import CheckpointFileError, SpecError
+from ..forget import fall_back
 from ..lora import LoraSpec
 from ..method import ForgetPlan, ForgetResult, ModelShape, Progress, SessionContext, StepOutcome
 from ..prefix import Parts, batch_prefixes
-from ..side import PARTS, Attached, SideSpec, attach_side, load_side_state, pack_state
+from ..side import PARTS, Attached, SideSpec, attach_side, load_side_state, load_verified_state, pack_state
 from ..sidefile import SideFile
 
 log = logging.getLogger(__name__)
@@ -127,29 +129,45 @@ def to_file(store: Store, checkpoint_id: int) -> SideFile:
     return SideFile(ck.base_fingerprint, ck.spec, ck.estimator, ck.torch_version, n_steps, sha, data)
 
 
-def from_file(store: Store, f: SideFile, note: str | None = None) -> int:
-    """Store a side checkpoint file as a new candidate (no parent: its tensors are complete); return its id."""
+def from_file(store: Store, f: SideFile, note: str | None = None, status: Status = Status.CANDIDATE, *,
+              val_loss: float | None = None, parent_val_loss: float | None = None) -> int:
+    """Store a side checkpoint file (no parent: its tensors are complete) in one transaction; return its id."""
     with store.db.atomic():
         cid = store.log.create(parent_id=None, method=Method.SIDE.value, base_fingerprint=f.base_fingerprint,
                                spec=f.spec, estimator=f.estimator, torch_version=f.torch_version, note=note)
         store.log.save_state(cid, f.n_steps, f.tensors, f.sha256)
+        store.log.set_status(cid, status, val_loss=val_loss, parent_val_loss=parent_val_loss)
     return cid
 
 
-def fall_back(store: Store, plan: ForgetPlan) -> int | None:
-    """Drop the tainted checkpoints; the newest clean ancestor of the current one becomes current."""
-    chain = store.log.chain(plan.current_id) if plan.current_id is not None else []
-    clean = [c for c in chain if c.id not in plan.tainted]
-    with store.db.atomic():
-        # What the dropped checkpoints learned from the other documents is gone too: count those
-        # documents' examples as untrained again, so the policy's next session retrains on them.
-        trained_on = {d for c in chain if c.id in plan.tainted for d in store.log.documents_of(c.id)}
-        store.docs.mark_untrained(sorted(trained_on))
-        for cid in plan.tainted:
-            store.log.delete_steps(cid)
-        if clean:
-            store.log.set_status(clean[-1].id, Status.CURRENT)
-    return clean[-1].id if clean else None
+@dataclass
+class SideImport:
+    """A parsed side checkpoint file (ImportedFile): its tensors, loaded after their header is checked."""
+
+    file: SideFile
+    name: str
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.file.base_fingerprint
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.file.spec
+
+    @property
+    def n_steps(self) -> int:
+        return self.file.n_steps
+
+    def apply(self, part: Attached, progress: Progress | None = None) -> bool:
+        load_verified_state(part.params, self.file.tensors, self.file.sha256, self.name)
+        if progress is not None:
+            progress(1, 1)
+        return True  # a side file always carries the hash of its tensors
+
+    def save(self, store: Store, status: Status, note: str | None, val_loss: float | None,
+             parent_val_loss: float | None) -> int:
+        return from_file(store, self.file, note, status, val_loss=val_loss, parent_val_loss=parent_val_loss)
 
 
 class SideMethod:
@@ -181,7 +199,7 @@ class SideMethod:
         return attach_side(model, spec)
 
     def load(self, store: Store, part: Attached, ck: Checkpoint, fingerprint: str, *, verify: bool = False,
-             progress: Progress | None = None) -> int:
+             progress: Progress | None = None, snapshots: bool = True) -> int:
         n = load_side_state(store, part, ck, fingerprint, verify=verify)
         if progress is not None:
             progress(1, 1)
@@ -192,6 +210,9 @@ class SideMethod:
 
     def record_hashes(self, store: Store, model: nn.Module, fingerprint: str, checkpoint_id: int) -> None:
         pass  # forget never rebuilds side checkpoints: the stored tensors carry their hash
+
+    def save_snapshot(self, store: Store, checkpoint_id: int, part: Attached) -> int:
+        return 0  # a side checkpoint is its stored tensors already (checkpoint_states): nothing to replay
 
     def trainer(self, ctx: SessionContext) -> SideTrainer:
         return SideTrainer(ctx)
@@ -213,9 +234,13 @@ class SideMethod:
     def export_bytes(self, store: Store, checkpoint_id: int) -> bytes:
         return sidefile.pack(to_file(store, checkpoint_id))
 
-    def import_bytes(self, store: Store, data: bytes, name: str, note: str | None) -> tuple[int, int]:
+    def read_file(self, data: bytes, name: str) -> SideImport:
         f = sidefile.unpack(data, name)
-        return from_file(store, f, note=note), f.n_steps
+        try:
+            SideSpec.from_dict(f.spec)
+        except SpecError as e:
+            raise CheckpointFileError(f"{name}: {e}") from None
+        return SideImport(f, name)
 
     def forget(self, store: Store, plan: ForgetPlan) -> ForgetResult:
         if plan.current_id is None or plan.current_id not in plan.tainted:
