@@ -46,10 +46,15 @@ def config_as_dict(loaded: LoadedConfig) -> dict[str, Any]:
 
 @config.command()
 @click.argument("file", type=click.Path(path_type=Path))
-def check(file: Path) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"file", "ok": true} as JSON (an invalid file is still an error on stderr).')
+def check(file: Path, as_json: bool) -> None:
     """Validate FILE (exit 1 with the field's name if it is invalid)."""
     validate_file(file)
-    click.echo(f"{file}: ok")
+    if as_json:
+        click.echo(json.dumps({"file": str(file), "ok": True}, ensure_ascii=False))
+    else:
+        click.echo(f"{file}: ok")
 
 
 @config.command()

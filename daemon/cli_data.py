@@ -155,15 +155,24 @@ def forget(app: AppContext, documents: tuple[str, ...], sources: tuple[str, ...]
 
 
 @click.command()
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {sample, ingest, stats} as JSON (as `ingest --json` and `stats --json` do).")
 @pass_app
-def demo(app: AppContext) -> None:
+def demo(app: AppContext, as_json: bool) -> None:
     """Ingest the sample notes shipped with pocketd into the store, then show `pocketd stats`."""
     config = app.loaded.config.ingest
     sample = sample_dir()
-    click.echo(f"ingesting the sample notes from {sample}")
+    if not as_json:
+        click.echo(f"ingesting the sample notes from {sample}")
     with app.open_store() as store:
         report = ingest_paths(store, [sample], config)
         figures = store.docs.stats()
+    if as_json:
+        click.echo(json.dumps({"sample": str(sample), "ingest": report.to_dict(), "stats": _stats_dict(figures, app)},
+                              indent=2, ensure_ascii=False))
+        if not report.ok:
+            sys.exit(1)
+        return
     _echo_report(report, list_all=False)
     click.echo("")
     _echo_stats(figures, app)

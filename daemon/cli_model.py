@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import sys
@@ -50,9 +51,11 @@ def _describe(ck: Any) -> str:
 @click.option("--checkpoint", "checkpoint_id", type=int, default=None,
               help="Use this checkpoint instead of the current one.")
 @click.option("--no-chat", is_flag=True, help="Do not wrap the prompt in the tokenizer's chat template.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {prompt, completion, tokens, checkpoint, seed, ...} as JSON at the end (no streaming).")
 @pass_app
 def generate(app: AppContext, prompt: str, max_tokens: int, temperature: float, top_p: float,
-             seed: int | None, base_only: bool, checkpoint_id: int | None, no_chat: bool) -> None:
+             seed: int | None, base_only: bool, checkpoint_id: int | None, no_chat: bool, as_json: bool) -> None:
     """Generate a reply to PROMPT ("-" reads it from stdin), streamed to stdout."""
     from pocketd.trainer.generate import generate as run
 
@@ -69,8 +72,34 @@ def generate(app: AppContext, prompt: str, max_tokens: int, temperature: float, 
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
-    run(base.model, base.tokenizer, prompt, max_tokens, temperature, seed, on_token, chat=not no_chat, top_p=top_p)
-    click.echo()
+    info: dict[str, Any] = {}
+    text = run(base.model, base.tokenizer, prompt, max_tokens, temperature, seed, None if as_json else on_token,
+               chat=not no_chat, top_p=top_p, info=info)
+    if not as_json:
+        click.echo()
+        return
+    click.echo(json.dumps({
+        "prompt": prompt, "completion": text,
+        "tokens": {"prompt": info.get("prompt_tokens"), "completion": info.get("completion_tokens")},
+        "stop": info.get("stop"),
+        "checkpoint": _checkpoint_dict(ck),
+        "seed": seed, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "chat": not no_chat,
+    }, ensure_ascii=False))
+
+
+def _checkpoint_dict(ck: Any) -> dict[str, Any] | None:
+    """The checkpoint used, for --json (None: the base model)."""
+    if ck is None:
+        return None
+    return {"id": ck.id, "status": ck.status.value, "steps": ck.n_steps,
+            "method": getattr(ck.method, "value", ck.method)}
+
+
+def _size(path: Path) -> int:
+    """Bytes under `path` (a file or a directory)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 @click.command(name="export")
@@ -81,9 +110,10 @@ def generate(app: AppContext, prompt: str, max_tokens: int, temperature: float, 
 @click.option("--checkpoint", "checkpoint_id", type=int, default=None,
               help="Export this checkpoint instead of the current one.")
 @click.option("--force", is_flag=True, help="Replace a previous pocketd export in that directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written, where and its size as JSON.")
 @pass_app
 def export(app: AppContext, merged_dir: Path | None, adapter_dir: Path | None, checkpoint_id: int | None,
-           force: bool) -> None:
+           force: bool, as_json: bool) -> None:
     """Export the current (or a given) checkpoint: --merged DIR or --adapter DIR."""
     from pocketd.trainer.errors import ExportError
     from pocketd.trainer.export import export_adapter, export_merged
@@ -106,10 +136,18 @@ def export(app: AppContext, merged_dir: Path | None, adapter_dir: Path | None, c
             raise ExportError("--adapter needs a lora checkpoint" + (" (there is none yet)" if ck is None else
                               f"; checkpoint {ck.id} trains {method.describe(spec)}: use --merged"))
         out = export_adapter(base.model, lora, str(base.model_dir), adapter_dir, force=force, info=info)
-        click.echo(f"{_describe(ck)}: LoRA adapter written to {out} (base: {base.model_dir})")
-    elif merged_dir is not None:
+        kind, text = "adapter", f"{_describe(ck)}: LoRA adapter written to {out} (base: {base.model_dir})"
+    else:
+        assert merged_dir is not None
         out = export_merged(base.model, base.tokenizer, merged_dir, force=force, info=info)
-        click.echo(f"{_describe(ck)}: merged model written to {out}")
+        kind, text = "merged", f"{_describe(ck)}: merged model written to {out}"
+    if as_json:
+        click.echo(json.dumps({"kind": kind, "path": str(out), "bytes": _size(Path(out)),
+                               "files": sorted(p.name for p in Path(out).iterdir()) if Path(out).is_dir() else [],
+                               "checkpoint": _checkpoint_dict(ck), "base": str(base.model_dir),
+                               "base_fingerprint": base.fingerprint}, ensure_ascii=False))
+    else:
+        click.echo(text)
 
 
 def _export_refusal(app: AppContext, checkpoint_id: int | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -26,8 +27,10 @@ _VERBS = {
 @click.option("--systemd", "kind", flag_value=ServiceKind.SYSTEMD.value, help="A systemd user unit.")
 @click.option("--dry-run", is_flag=True, help="Print the files and where they would go; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite installed files that differ.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {kind, dry_run, files: [{path, status, action, mode, note}], next_steps, note} as JSON.")
 @pass_app
-def install_service(app: AppContext, kind: str | None, dry_run: bool, force: bool) -> None:
+def install_service(app: AppContext, kind: str | None, dry_run: bool, force: bool, as_json: bool) -> None:
     """Install pocketd as a service (default: Termux if detected, else systemd)."""
     chosen = ServiceKind(kind) if kind else detect_service_kind()
     config = app.loaded.config
@@ -38,6 +41,22 @@ def install_service(app: AppContext, kind: str | None, dry_run: bool, force: boo
     except ServiceInstallError as e:
         click.echo(f"pocketd: error: {e}", err=True)
         sys.exit(1)
+    steps = next_steps(chosen)
+    if chosen is ServiceKind.TERMUX:
+        hint = ("needs `pkg install termux-services termux-api`; restart Termux once after installing "
+                "termux-services. For start at boot, install the Termux:Boot app and open it once. "
+                "The ~/.termux/tasker/pocketd-* scripts are for the Termux:Tasker plugin; see the README.")
+    else:
+        hint = 'to keep it running while logged out: loginctl enable-linger "$USER"'
+    if as_json:
+        click.echo(json.dumps({
+            "kind": chosen.value, "dry_run": dry_run,
+            "files": [{"path": str(f.path), "status": f.status.value, "action": _VERBS[f.status][1 if dry_run else 0],
+                       "mode": f"{f.mode:04o}", "note": f.note or None,
+                       **({"content": f.content} if dry_run and f.status is not FileStatus.SKIPPED else {})}
+                      for f in files],
+            "next_steps": steps, "note": hint}, indent=2, ensure_ascii=False))
+        return
     click.echo(f"# {chosen.value} service{' (dry run: nothing written)' if dry_run else ''}")
     for f in files:
         verb = _VERBS[f.status][1 if dry_run else 0]
@@ -45,14 +64,8 @@ def install_service(app: AppContext, kind: str | None, dry_run: bool, force: boo
         click.echo(f"{verb}: {f.path}  [mode {f.mode:04o}]{note}")
         if dry_run and f.status is not FileStatus.SKIPPED:
             click.echo("    " + f.content.rstrip("\n").replace("\n", "\n    ") if f.content else "    (empty)")
-    steps = next_steps(chosen)
     click.echo(("Then run: " if dry_run else "Next: ") + " && ".join(steps))
-    if chosen is ServiceKind.TERMUX:
-        click.echo("(needs `pkg install termux-services termux-api`; restart Termux once after installing "
-                   "termux-services. For start at boot, install the Termux:Boot app and open it once. "
-                   "The ~/.termux/tasker/pocketd-* scripts are for the Termux:Tasker plugin; see the README.)")
-    else:
-        click.echo('(to keep it running while logged out: loginctl enable-linger "$USER")')
+    click.echo(f"({hint})")
 
 
 COMMANDS = [install_service]

@@ -39,8 +39,10 @@ def _fmt_status(s: Any) -> str:
 @click.option("--minutes", type=float, default=None, help="Time budget (default: policy.max_session_minutes).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation gate (the candidate stays a candidate).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the session's outcome (steps, end reason, losses, checkpoint, promoted) as JSON.")
 @pass_app
-def train(app: AppContext, minutes: float | None, steps: int | None, no_eval: bool) -> None:
+def train(app: AppContext, minutes: float | None, steps: int | None, no_eval: bool, as_json: bool) -> None:
     """Run one training session in the foreground (Ctrl-C finishes the step and stops).
 
     Refuses at once (before loading anything) if a daemon or another `pocketd train` uses the database.
@@ -54,10 +56,18 @@ def train(app: AppContext, minutes: float | None, steps: int | None, no_eval: bo
     job = _job(app, minutes, steps, not no_eval)
     check_locations(app.loaded.config.paths)
     with DataLock.acquire(job.database, "pocketd train"):  # creates the data folder 0700 if missing
-        _train_locked(job)
+        _train_locked(job, as_json)
 
 
-def _train_locked(job: Any) -> None:
+def _outcome_dict(out: Any) -> dict[str, Any]:
+    """`pocketd train --json`: the session's outcome, the facts the human lines show."""
+    return {"end_reason": out.end_reason.value, "steps": out.steps, "skipped_nonfinite": out.skipped_nonfinite,
+            "loss_first": out.loss_first, "loss_last": out.loss_last, "checkpoint_id": out.checkpoint_id,
+            "evaluated": out.promoted is not None, "promoted": out.promoted, "val_loss": out.val_loss,
+            "parent_val_loss": out.parent_val_loss, "exit_code": int(out.exit_code)}
+
+
+def _train_locked(job: Any, as_json: bool = False) -> None:
     """`pocketd train`'s session, run while holding the database's trainer lock."""
     from pocketd.trainer.session import run_session
 
@@ -77,11 +87,20 @@ def _train_locked(job: Any) -> None:
     try:
         out = run_session(job, stop, on_status)
     except Stopped as e:  # Ctrl-C while loading, converting, tokenizing, replaying or evaluating
-        click.echo(f"session: {e}")
+        if as_json:
+            click.echo(json.dumps({"end_reason": "stopped", "message": str(e), "steps": 0, "checkpoint_id": None,
+                                   "evaluated": False, "promoted": None, "exit_code": 0}))
+        else:
+            click.echo(f"session: {e}")
         return
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if as_json:
+        click.echo(json.dumps(_outcome_dict(out)))
+        if out.exit_code != 0:
+            raise SystemExit(int(out.exit_code))
+        return
     click.echo(f"session: {out.end_reason.value}; {out.steps} steps"
                + (f", {out.skipped_nonfinite} skipped (non-finite)" if out.skipped_nonfinite else ""))
     if out.loss_first is not None:
@@ -165,8 +184,9 @@ def ck_list(app: AppContext, as_json: bool) -> None:
 
 @checkpoint.command(name="show")
 @click.argument("checkpoint_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Accepted for symmetry: the metadata is always JSON.")
 @pass_app
-def ck_show(app: AppContext, checkpoint_id: int) -> None:
+def ck_show(app: AppContext, checkpoint_id: int, as_json: bool) -> None:
     """One checkpoint's metadata."""
     with app.open_store() as store:
         c = store.log.get(checkpoint_id)
@@ -185,8 +205,9 @@ def ck_show(app: AppContext, checkpoint_id: int) -> None:
 
 @checkpoint.command(name="verify")
 @click.argument("checkpoint_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print {checkpoint_id, ok, result, steps, detail} as JSON.")
 @pass_app
-def ck_verify(app: AppContext, checkpoint_id: int) -> None:
+def ck_verify(app: AppContext, checkpoint_id: int, as_json: bool) -> None:
     """Replay a checkpoint's chain (or load its stored tensors) and compare every stored hash."""
     from pocketd.trainer.checkpoints import load_checkpoint
     from pocketd.trainer.registry import method_of
@@ -201,6 +222,16 @@ def ck_verify(app: AppContext, checkpoint_id: int) -> None:
         with click.progressbar(length=max(total, 1), label="replaying", file=sys.stderr) as bar:
             _, _, ck = load_checkpoint(store, cfg.trainer, cfg.paths.cache_dir, checkpoint_id, verify=True,
                                        progress=lambda done, _t: bar.update(1), snapshots=False)
+    if as_json:
+        result = "not verified" if pending else "unverified (no hashes)" if not final_hashed else "ok"
+        detail = (method_of(ck).verified(ck, total) if ck is not None else f"{total} steps") if result == "ok" else (
+            "a chain rebuilt by forget: the next training session records its hash" if pending
+            else "nothing records the weights the steps should give")
+        click.echo(json.dumps({"checkpoint_id": checkpoint_id, "ok": result == "ok", "result": result,
+                               "steps": total, "detail": detail}))
+        if result != "ok":
+            sys.exit(1)
+        return
     if pending:  # rebuilt by forget through the socket: nothing to compare the replay with yet
         click.echo(f"checkpoint {checkpoint_id}: NOT verified: unverified (no hashes): {total} steps replay without "
                    "error, but nothing records the weights they should give (a chain rebuilt by forget: the next "
@@ -218,8 +249,9 @@ def ck_verify(app: AppContext, checkpoint_id: int) -> None:
 @click.argument("checkpoint_id", type=int)
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite FILE.")
+@click.option("--json", "as_json", is_flag=True, help="Print {checkpoint_id, file, bytes} as JSON.")
 @pass_app
-def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool) -> None:
+def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool, as_json: bool) -> None:
     """Write a checkpoint's whole chain as a compact standalone file."""
     from pocketd.trainer.transfer import write_checkpoint
 
@@ -227,13 +259,18 @@ def ck_export(app: AppContext, checkpoint_id: int, file: Path, force: bool) -> N
         raise click.ClickException(f"{file} exists; use --force to overwrite it")
     with app.open_store() as store:
         n = write_checkpoint(store, checkpoint_id, file, force=True)
-    click.echo(f"wrote {file}: {n} bytes")
+    if as_json:
+        click.echo(json.dumps({"checkpoint_id": checkpoint_id, "file": str(file), "bytes": n}, ensure_ascii=False))
+    else:
+        click.echo(f"wrote {file}: {n} bytes")
 
 
 @checkpoint.command(name="import")
 @click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {file, checkpoint_id, steps, method, verification, promoted, reason} as JSON.")
 @pass_app
-def ck_import(app: AppContext, file: Path) -> None:
+def ck_import(app: AppContext, file: Path, as_json: bool) -> None:
     """Import a checkpoint file: check it, rebuild it (replay, or the side tensors) and compare the hashes it
     carries, then gate it like a session: it becomes current only if validation loss improves (else it is
     kept as rejected). A file that does not verify is refused and nothing is stored."""
@@ -244,6 +281,13 @@ def ck_import(app: AppContext, file: Path) -> None:
     with app.open_store() as store:
         report = import_checkpoint(store, data, cfg.trainer, cfg.paths.cache_dir, name=str(file),
                                    note=f"imported from {file.name}")
+    if as_json:
+        click.echo(json.dumps({"file": str(file), "checkpoint_id": report.checkpoint_id, "steps": report.n_steps,
+                               "method": report.method.value, "verification": report.verification.value,
+                               "verified": report.verification.name == "VERIFIED", "promoted": report.promoted,
+                               "status": "current" if report.promoted else "rejected", "reason": report.reason},
+                              ensure_ascii=False))
+        return
     verdict = "now current" if report.promoted else "kept as rejected, the current checkpoint is unchanged"
     click.echo(f"imported {file} as checkpoint {report.checkpoint_id} ({report.n_steps} steps, "
                f"{report.verification.value}; {report.reason}): {verdict}")

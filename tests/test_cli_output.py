@@ -22,7 +22,9 @@ from .test_cli_lazy import heavy_loaded, run_pocketd
 # Every command that prints data (figures, reports, replies), as its words on the command line.
 DATA_COMMANDS = [["status"], ["history"], ["pause"], ["resume"], ["train-now"], ["stop-training"], ["signal"],
                  ["shutdown"], ["stats"], ["ingest"], ["forget"], ["eval"], ["config", "show"],
-                 ["checkpoint", "list"]]
+                 ["config", "check"], ["checkpoint", "list"], ["checkpoint", "show"], ["checkpoint", "verify"],
+                 ["checkpoint", "import"], ["checkpoint", "export"], ["train"], ["demo"], ["install-service"],
+                 ["export"], ["generate"]]
 
 LONG = "because the battery temperature 41.5 °C is above policy.max_battery_temp_c 40.0 °C"
 
@@ -182,3 +184,97 @@ def test_status_watch_streams_and_stays_light(tmp_path: Path, isolated_home: Pat
     assert json.loads(out.splitlines()[0]) == {"ok": True}
     assert (code, err) == (1, "pocketd: error: pocketd closed the watch (the daemon stopped)\n")
     assert heavy_loaded(modules) == []
+
+
+# -- --json of the commands that work on the store, the model and the service files ------------------------------
+
+
+def invoke_json(*args: str, code: int = 0) -> Any:
+    """Run `pocketd ARGS` in-process; its stdout must be one JSON document."""
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return json.loads(result.stdout)
+
+
+def test_config_check_json(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("[daemon]\nnice = 5\n")
+    assert invoke_json("config", "check", "--json", str(good)) == {"file": str(good), "ok": True}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon]\nnice = 'x'\n")
+    result = CliRunner().invoke(cli, ["config", "check", "--json", str(bad)])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("pocketd: error: ") and "daemon.nice" in result.stderr  # as without --json
+
+
+def test_demo_json() -> None:
+    data = invoke_json("demo", "--json")
+    assert data["ingest"]["added"] and data["stats"]["documents"] > 0 and data["sample"]
+    assert set(data["stats"]) >= {"documents", "examples", "database"}
+
+
+def test_install_service_json(isolated_home: Path) -> None:
+    unit = isolated_home / ".config/systemd/user/pocketd.service"
+    planned = invoke_json("install-service", "--systemd", "--dry-run", "--json")
+    assert planned["kind"] == "systemd" and planned["dry_run"] is True and not unit.exists()
+    assert planned["files"][0]["path"] == str(unit) and "Type=notify" in planned["files"][0]["content"]
+    done = invoke_json("install-service", "--systemd", "--json")
+    assert done["files"][0] == {"path": str(unit), "status": "created", "action": "wrote", "mode": "0644",
+                                "note": None}
+    assert "systemctl --user enable --now pocketd" in done["next_steps"]
+    unit.write_text("[Service]\n")
+    result = CliRunner().invoke(cli, ["install-service", "--systemd", "--json"])
+    assert result.exit_code == 1 and result.stdout == "" and "refusing to overwrite" in result.stderr
+
+
+def test_train_and_checkpoint_commands_json(tmp_path: Path, tiny_model_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.trainer_helpers import fill_store
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[trainer]\nmodel = "{tiny_model_dir}"\nbatch_size = 4\nseq_len = 32\nlr = 1e-3\nseed = 3\n'
+        f'hash_every = 2\neval_examples = 16\n[paths]\ndata_dir = "{tmp_path / "data"}"\n'
+        f'cache_dir = "{tmp_path / "cache"}"\n'
+    )
+    monkeypatch.setenv("POCKETD_CONFIG", str(cfg))
+    fill_store(tmp_path / "data" / "pocketd.sqlite3")
+    out = invoke_json("train", "--steps", "2", "--json")
+    assert out["steps"] == 2 and out["end_reason"] == "step budget reached" and out["checkpoint_id"] == 1
+    assert out["evaluated"] is True and isinstance(out["promoted"], bool) and out["loss_first"] is not None
+    verified = invoke_json("checkpoint", "verify", "1", "--json")
+    assert verified["ok"] is True and verified["result"] == "ok" and verified["steps"] == 2
+    assert invoke_json("checkpoint", "show", "1", "--json")["id"] == 1
+    f = tmp_path / "ck.pkd"
+    written = invoke_json("checkpoint", "export", "1", str(f), "--json")
+    assert written == {"checkpoint_id": 1, "file": str(f), "bytes": f.stat().st_size}
+    imported = invoke_json("checkpoint", "import", str(f), "--json")
+    assert imported["checkpoint_id"] == 2 and imported["steps"] == 2 and imported["verified"] is True
+    assert imported["promoted"] is False and imported["status"] == "rejected" and imported["reason"]
+    result = CliRunner().invoke(cli, ["checkpoint", "import", str(tmp_path / "missing.pkd"), "--json"])
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr.startswith("pocketd: error: ")
+
+
+def test_generate_json(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from pocketd.trainer.generate import generate
+    from pocketd.trainer.model import load_base
+
+    tiny = load_base(str(tiny_model_dir), tmp_path / "cache")
+    expected = generate(tiny.model, tiny.tokenizer, "hello", 6, 0.8, seed=4, top_p=0.5)
+    data = invoke_json("--set", f"trainer.model={tiny_model_dir}", "generate", "hello", "--base", "--json",
+                       "--max-tokens", "6", "--temperature", "0.8", "--seed", "4", "--top-p", "0.5")
+    assert data["prompt"] == "hello" and data["completion"] == expected and data["checkpoint"] is None
+    assert data["seed"] == 4 and 0 < data["tokens"]["completion"] <= 6 and data["tokens"]["prompt"] > 0
+
+
+def test_export_json(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tests.test_export import make_current_checkpoint
+
+    cache, data = tmp_path / "cache", tmp_path / "data"
+    cid, _, _ = make_current_checkpoint(tiny_model_dir, cache, data)
+    out = invoke_json("--set", f"trainer.model={tiny_model_dir}", "--set", "trainer.lora_rank=4",
+                      "--set", f"paths.data_dir={data}", "--set", f"paths.cache_dir={cache}",
+                      "export", "--adapter", str(tmp_path / "adapter"), "--json")
+    assert out["kind"] == "adapter" and out["path"] == str(tmp_path / "adapter") and out["checkpoint"]["id"] == cid
+    assert out["bytes"] == sum(p.stat().st_size for p in (tmp_path / "adapter").rglob("*") if p.is_file()) > 0
+    assert "adapter_config.json" in out["files"]

@@ -103,11 +103,13 @@ def generate(
     *,
     chat: bool = True,
     top_p: float = 1.0,
+    info: dict[str, Any] | None = None,
 ) -> str:
     """Generate a reply to `prompt`; stream text pieces to `on_token`; return the whole reply.
 
     Stops at an end-of-sequence token or after `max_new_tokens`. The pieces passed
-    to `on_token` concatenate to the returned text.
+    to `on_token` concatenate to the returned text. If `info` is given, it gets
+    prompt_tokens, completion_tokens and stop ("eos" or "max_tokens").
     """
     ids = encode_prompt(tokenizer, prompt, chat)
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -124,15 +126,19 @@ def generate(
     past = None
     t0 = time.monotonic()
     n = 0
+    stop = "max_tokens"
     for n in range(1, max_new_tokens + 1):
         out = model(input_ids=step_input, past_key_values=past, use_cache=True, **extra)
         past = out.past_key_values
         next_id = sample_next(out.logits[0, -1], temperature, top_p, gen)  # logits [1, t, V] -> [V]
         if next_id in stops:
+            stop = "eos"
             break
         streamer.push(next_id)
         step_input = torch.tensor([[next_id]])
     text = streamer.finish()
+    if info is not None:
+        info.update(prompt_tokens=len(ids), completion_tokens=len(streamer.ids), stop=stop)
     seconds = time.monotonic() - t0
     log.debug("generated %d tokens in %.2f s (prompt %d tokens)", n, seconds, len(ids))
     return text

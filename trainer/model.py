@@ -459,8 +459,11 @@ def convert_gguf(gguf: Path, out_dir: Path, *, stop: threading.Event | None = No
 
 def convert_stages(gguf: Path, out_dir: Path) -> None:
     """The conversion itself (in the converter process): each stage not finished yet, recorded in
-    STAGES_MARKER when done. ModelNotFound if the GGUF cannot be read."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    STAGES_MARKER when done; the weights stage keeps its progress per chunk of tensors
+    (gguf_convert.convert_weights). ModelNotFound if the GGUF cannot be read."""
+    from transformers import AutoTokenizer
+
+    from .gguf_convert import convert_weights, remove_progress
 
     folder, name = str(gguf.parent), gguf.name
     done = finished_stages(out_dir)
@@ -471,16 +474,17 @@ def convert_stages(gguf: Path, out_dir: Path) -> None:
             del tokenizer
             atomic_write(out_dir / STAGES_MARKER, json.dumps({"format": CACHE_FORMAT, "done": ["tokenizer"]}))
             log.info("conversion stage done: tokenizer")
-        with _no_progress_bars():
-            loaded = AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=name, local_files_only=True, dtype=torch.float32
-            )
+        if "weights" not in done:
+            with _no_progress_bars():
+                convert_weights(gguf, out_dir)  # resumable per chunk of tensors (trainer/gguf_convert.py)
+            atomic_write(out_dir / STAGES_MARKER,
+                         json.dumps({"format": CACHE_FORMAT, "done": ["tokenizer", "weights"]}))
+            log.info("conversion stage done: weights")
+        remove_progress(out_dir)
     except MemoryError:
         raise
     except Exception as e:  # gguf raises ValueError/IndexError/struct errors on a corrupt file
         raise ModelNotFound(f"{type(e).__name__}: {e}") from e
-    save_plain_model(loaded, out_dir)
-    del loaded
 
 
 def finished_stages(partial: Path) -> list[str]:
