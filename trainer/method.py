@@ -172,6 +172,26 @@ class ImportedFile(Protocol):
         ...
 
 
+@dataclass
+class FileView:
+    """The parts of ImportedFile every method's parsed file shares: the facts read from its header."""
+
+    file: Any  # the method's parsed file object: base_fingerprint, spec, n_steps
+    name: str  # how errors name the file
+
+    @property
+    def base_fingerprint(self) -> str:
+        return str(self.file.base_fingerprint)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return dict(self.file.spec)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.file.n_steps)
+
+
 @runtime_checkable
 class TrainingMethod(Protocol):
     """One training method. Implementations are stateless singletons; per-session state lives in

@@ -29,7 +29,7 @@ from ..forget import rebuild_chain
 from ..job import TrainingJob
 from ..lora import LoraSpec
 from ..loss import mean_loss
-from ..method import ForgetPlan, ForgetResult, ModelShape, Progress, SessionContext, StepOutcome
+from ..method import FileView, ForgetPlan, ForgetResult, ModelShape, Progress, SessionContext, StepOutcome
 from ..multi import estimate_batched
 from ..params import TrainableSet
 from ..prefix import Parts, PrefixUnsupported, batch_prefixes, first_trainable_layer, suffix_mean_loss
@@ -177,23 +177,10 @@ def from_file(store: Store, ck: CheckpointFile, status: Status = Status.CANDIDAT
 
 
 @dataclass
-class MezoFile:
+class MezoFile(FileView):
     """A parsed mezo checkpoint file (ImportedFile): its chain, replayed from the file's bytes."""
 
     file: CheckpointFile
-    name: str
-
-    @property
-    def base_fingerprint(self) -> str:
-        return self.file.base_fingerprint
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return self.file.spec
-
-    @property
-    def n_steps(self) -> int:
-        return self.file.n_steps
 
     def apply(self, part: MezoPart, progress: Progress | None = None) -> bool:
         segs = self.file.segments

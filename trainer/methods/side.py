@@ -33,7 +33,7 @@ from ..data import Item, collate
 from ..errors import CheckpointFileError, SpecError
 from ..forget import fall_back
 from ..lora import LoraSpec
-from ..method import ForgetPlan, ForgetResult, ModelShape, Progress, SessionContext, StepOutcome
+from ..method import FileView, ForgetPlan, ForgetResult, ModelShape, Progress, SessionContext, StepOutcome
 from ..prefix import Parts, batch_prefixes
 from ..side import PARTS, Attached, SideSpec, attach_side, load_side_state, load_verified_state, pack_state
 from ..sidefile import SideFile
@@ -141,23 +141,10 @@ def from_file(store: Store, f: SideFile, note: str | None = None, status: Status
 
 
 @dataclass
-class SideImport:
+class SideImport(FileView):
     """A parsed side checkpoint file (ImportedFile): its tensors, loaded after their header is checked."""
 
     file: SideFile
-    name: str
-
-    @property
-    def base_fingerprint(self) -> str:
-        return self.file.base_fingerprint
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return self.file.spec
-
-    @property
-    def n_steps(self) -> int:
-        return self.file.n_steps
 
     def apply(self, part: Attached, progress: Progress | None = None) -> bool:
         load_verified_state(part.params, self.file.tensors, self.file.sha256, self.name)
