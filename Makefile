@@ -6,6 +6,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The suite runs on TEST_WORKERS pytest-xdist workers; the tests that share a module-scoped fixture
+# stay on one worker (tests/conftest.py). `make test TEST_WORKERS=0`: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # Termux (Android): $PREFIX is Termux's, or `termux-info` exists. There the install is
 # systemd_termux/termux-install.sh (Termux's Python and torch; `make run PLAN=1` prints it).
@@ -22,7 +26,7 @@ ifeq ($(PLAN),1)
 deps: ; @$(TERMUX_INSTALL) run
 test-deps: ; @$(TERMUX_INSTALL) test
 run: deps ; @echo '$(VENV)/bin/pocketd run'
-test: test-deps ; @echo '$(PY) -m pytest -q'
+test: test-deps ; @echo '$(PYTEST)'
 PLANNED := 1
 else
 deps: $(STAMP)
@@ -52,7 +56,7 @@ install: deps
 
 ifndef PLANNED
 test: test-deps
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The daemon in the foreground on the embedded default model, with the shipped sample
 # notes as its inbox, a short check interval and a tolerant load limit so a newcomer sees it

@@ -14,6 +14,11 @@ process and is SIGKILLed at a moment drawn uniformly over its measured life. Aft
   stored), and every checkpoint that changed verifies (`pocketd checkpoint verify`), or
   says that its rebuilt hashes are pending (a forget killed between its log transaction and
   the replay that records the hashes; the next session records them).
+
+The killed commands and the timing runs are child processes; the setup session, the export, the runs
+again and the verifications are the same `pocketd` commands run in this process (click's test runner, the
+private environment; the session through the trainer's `run_session`), which loads torch once instead
+of once per command.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import DB_NAME, ROOT, note_text, private_env, sigkill, tail
+from benchlib import DB_NAME, ROOT, note_text, private_env, sigkill
 
 SOURCES = ("alpha", "beta")
 
@@ -71,6 +77,7 @@ class Rig:
         from pocketd.store import Store
         from pocketd.trainer.config import TrainerConfig
         from pocketd.trainer.job import TrainingJob
+        from pocketd.trainer.session import run_session
 
         self.work = work
         self.home = work / "home"
@@ -88,19 +95,15 @@ class Rig:
                             eval_examples=8, lr=1e-3, eps=1e-2, threads=1)
         job = TrainingJob(database=self.pristine, cache_dir=self.cache, trainer=cfg, memory_budget_mb=8000,
                           max_steps=6, evaluate=False)
-        job.write(work / "job.json")
-        err = work / "trainer.stderr"
-        with open(err, "wb") as f:
-            code = subprocess.call([sys.executable, "-m", "pocketd.trainer", "--job", str(work / "job.json")],
-                                   cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=f)
-        if code != 0:
-            raise RuntimeError(f"the setup session exited {code}: {tail(err)}")
+        # The trainer's session loop in this process (the kills below need torch here anyway).
+        outcome = run_session(job, threading.Event())
+        if outcome.steps != 6:
+            raise RuntimeError(f"the setup session logged {outcome.steps} of 6 steps ({outcome.end_reason})")
         ck = _count(self.pristine, "select max(id) from checkpoints")
         self.export = work / "current.pkd"
-        out = self.run(self.pristine, "checkpoint", "export", str(ck), str(self.export))
-        if out.returncode != 0:
-            raise RuntimeError(f"checkpoint export failed: {out.stdout}{out.stderr}")
+        code, text = self.cli(self.pristine, "checkpoint", "export", str(ck), str(self.export))
+        if code != 0:
+            raise RuntimeError(f"checkpoint export failed: {text}")
         self.file_steps = _count(self.pristine, "select n_steps from checkpoints where id = ?", (ck,))
 
     def config(self, db: Path) -> Path:
@@ -117,16 +120,25 @@ class Rig:
         return subprocess.run(self.argv(db, *args), cwd=ROOT, env=self.env, capture_output=True, text=True,
                               timeout=600)
 
+    def cli(self, db: Path, *args: str) -> tuple[int, str]:
+        """`pocketd --config ... ARGS` in this process, in the private environment: (exit code, output)."""
+        from click.testing import CliRunner
+
+        from pocketd.daemon.cli import cli
+
+        r = CliRunner().invoke(cli, ["--config", str(self.config(db)), *args], env=self.env)
+        detail = "" if r.exception is None or isinstance(r.exception, SystemExit) else f"\n{r.exception!r}"
+        return r.exit_code, r.output + detail
+
 
 def _verify_all(rig: Rig, db: Path) -> list[str]:
     problems = []
     with sqlite3.connect(db) as c:
         ids = [r[0] for r in c.execute("select id from checkpoints where n_steps > 0 order by id")]
     for cid in ids:
-        out = rig.run(db, "checkpoint", "verify", str(cid))
-        text = out.stdout + out.stderr
-        if out.returncode != 0 and "pending" not in text.lower():
-            problems.append(f"checkpoint verify {cid}: exit {out.returncode}: {text.strip()[-300:]}")
+        code, text = rig.cli(db, "checkpoint", "verify", str(cid))
+        if code != 0 and "pending" not in text.lower():
+            problems.append(f"checkpoint verify {cid}: exit {code}: {text.strip()[-300:]}")
     return problems
 
 
@@ -175,9 +187,9 @@ def forget_import_kills(kills: int, tmp: Path, rng: random.Random, model_dir: Pa
                     problems.append("the documents are there but the log changed")
                 if _orphan_steps(db):
                     problems.append(f"{_orphan_steps(db)} step rows name forgotten documents")
-                again = rig.run(db, "forget", "--source", SOURCES[1])
-                if docs and again.returncode != 0:
-                    problems.append(f"forget again: exit {again.returncode}: {again.stdout}{again.stderr}")
+                code, text = rig.cli(db, "forget", "--source", SOURCES[1])
+                if docs and code != 0:
+                    problems.append(f"forget again: exit {code}: {text}")
                 if _count(db, "select count(*) from documents d join sources s on s.id = d.source_id "
                               "where s.name = ?", (SOURCES[1],)) or _orphan_steps(db):
                     problems.append("after forgetting again, the source or steps naming it remain")
@@ -190,9 +202,9 @@ def forget_import_kills(kills: int, tmp: Path, rng: random.Random, model_dir: Pa
                         problems.append(f"a partial import: {added} checkpoints with {steps} of "
                                         f"{rig.file_steps} steps")
                 else:
-                    again = rig.run(db, "checkpoint", "import", str(rig.export))
-                    if again.returncode != 0:
-                        problems.append(f"import again: exit {again.returncode}: {again.stdout}{again.stderr}")
+                    code, text = rig.cli(db, "checkpoint", "import", str(rig.export))
+                    if code != 0:
+                        problems.append(f"import again: exit {code}: {text}")
             problems += _integrity(db) + _verify_all(rig, db)
             tally.record(where, problems, 0)
             tally.seconds += time.monotonic() - t_kill

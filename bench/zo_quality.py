@@ -1,7 +1,8 @@
 """Held-out quality per wall-clock budget: LoRA-AdamW vs textbook LoRA-MeZO vs pocketd's methods (issues 6, 7).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/zo_quality.py [--minutes 10] [--eval-windows 128]
-        [--variant NAME='{"lr": 1e-3, ...}' ...] [--only adamw,textbook,pocketd,side,step-cost,side-epochs] [--smoke]
+        [--variant NAME='{"lr": 1e-3, ...}' ...] [--only adamw,textbook,pocketd,side,side-block@1,step-cost,...]
+        [--blocks 1 2] [--parallel N --threads T] [--smoke]
 
 One command, one run. Ingests ../shared/data/til-notes-2020-2023.jsonl into a
 temporary store; the store splits train / validation *by note* (a note's windows are
@@ -16,6 +17,8 @@ all on one side). Then, each in a fresh process so peak RSS is its own:
 - pocketd: pocketd's default TrainerConfig (method mezo) through its own session;
 - side: the default TrainerConfig with method = "side" (AdamW on a small part above
   cached frozen activations), through its own session;
+- side-block@K (one per --blocks K): method side with side_part = "block", K decoder
+  layers appended (block expansion), through its own session;
 - any --variant: the default TrainerConfig with the given fields changed;
 - step-cost: one ZO step in units of one full forward (bs 8, seq 128), measured
   interleaved in one process: textbook, prefix sharing (n = 1), prefix sharing
@@ -23,6 +26,10 @@ all on one side). Then, each in a fresh process so peak RSS is its own:
 - side-epochs: the side method's training time over the same --epoch-batches batches
   twice, for each side part: epoch 1 runs the backbone and fills the activation
   cache, epoch 2 reads it.
+
+--parallel N runs N of them at once (each still its own process), --threads T gives each
+T torch threads: with N x T = the cores, every run of a round shares the machine under
+the same conditions (the load of anything else included), so their ratios stay fair.
 
 Every training run gets the same wall-clock budget, counted from before the model
 loads (as a daemon session is), the same seed (same batch order) and the same
@@ -235,7 +242,7 @@ def worker_side_epochs(a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     out: dict[str, Any] = {}
-    for part in ("adapters", "mlp"):
+    for part in ("adapters", "mlp", "block"):
         cfg = config(a, method="side", side_part=part)
         base = load_base(cfg.model, Path(a["cache_dir"]), cfg.dtype)
         att = attach_side(base.model, SideSpec.from_config(cfg))
@@ -268,17 +275,25 @@ def worker_side_epochs(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker(name: str, a: dict[str, Any]) -> dict[str, Any]:
+    if a.get("threads"):
+        import torch
+
+        torch.set_num_threads(a["threads"])
+    if name.startswith("side-block@"):
+        return worker_session(a, {"method": "side", "side_part": "block", "side_blocks": int(name.partition("@")[2]),
+                                  "threads": a.get("threads")})
     if name.startswith("adamw"):
         return worker_adamw(a, float(name.partition("@")[2] or a["adamw_lr"][0]))
     if name == "step-cost":
         return worker_step_cost(a)
     if name == "side-epochs":
         return worker_side_epochs(a)
+    threads = {"threads": a.get("threads")}
     if name == "side":
-        return worker_session(a, {"method": "side", **a["variants"].get(name, {})})
+        return worker_session(a, {"method": "side", **threads, **a["variants"].get(name, {})})
     if name == "textbook":
-        return worker_session(a, TEXTBOOK)
-    return worker_session(a, a["variants"].get(name, {}))
+        return worker_session(a, {**TEXTBOOK, **threads})
+    return worker_session(a, {**threads, **a["variants"].get(name, {})})
 
 
 def gain_pct(r: dict[str, Any]) -> float | None:
@@ -344,6 +359,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--adamw-lr", type=float, nargs="+", default=[1e-4],
                    help="LoRA-AdamW learning rate(s); the best of them is the reference (default 1e-4)")
+    p.add_argument("--blocks", type=int, nargs="*", default=[1, 2],
+                   help="side-block@K runs: decoder layers appended (default 1 2)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once, each its own process (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
     p.add_argument("--cost-repeats", type=int, default=5)
     p.add_argument("--epoch-batches", type=int, default=8, help="side-epochs: batches per epoch (default 8)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
@@ -367,8 +386,8 @@ def main() -> None:
         name, _, body = v.partition("=")
         variants[name] = json.loads(body)
     adamw_names = [f"adamw@{lr:g}" for lr in args.adamw_lr] if len(args.adamw_lr) > 1 else ["adamw"]
-    names = [*adamw_names, "textbook", "pocketd", "side", *[v for v in variants if v != "side"], "step-cost",
-             "side-epochs"]
+    names = [*adamw_names, "textbook", "pocketd", "side", *[f"side-block@{k}" for k in args.blocks],
+             *[v for v in variants if v != "side"], "step-cost", "side-epochs"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     results: dict[str, dict[str, Any]] = {}
@@ -386,7 +405,7 @@ def main() -> None:
         ARGS.update(store=str(store), work_dir=tmp, cache_dir=str(Path(args.cache_dir).resolve()),
                     minutes=args.minutes, eval_windows=args.eval_windows, batch_size=args.batch_size, seq=args.seq,
                     seed=args.seed, adamw_lr=args.adamw_lr, cost_repeats=args.cost_repeats, variants=variants,
-                    epoch_batches=args.epoch_batches)
+                    epoch_batches=args.epoch_batches, threads=args.threads, parallel=args.parallel)
         if args.smoke:
             ARGS["model"] = str(benchlib.tiny_model(Path(tmp) / "tiny-model", in_process=False))
             ARGS["min_steps"] = 1  # the AdamW loop runs at least once even when loading ate the budget
@@ -399,12 +418,18 @@ def main() -> None:
         if args.smoke:  # every run in one child: one torch import, not six
             results.update(benchlib.spawn_workers(script, names, json.dumps(ARGS), log_dir / "zo_quality-smoke.log"))
             save()
-        for name in [] if args.smoke else names:
+        def one(name: str) -> None:
             t0 = time.monotonic()
             results[name] = benchlib.spawn_workers(script, [name], json.dumps(ARGS),
                                                    log_dir / f"zo_quality-{name}.log")[name]
             print(f"{name}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
             save()
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            list(pool.map(one, [] if args.smoke else names))
+        results = {n: results[n] for n in names if n in results}  # the table in the order of the names
     print(render(results))
     if args.smoke:
         sys.exit(1 if any("error" in r for r in results.values()) else 0)

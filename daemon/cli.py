@@ -45,7 +45,7 @@ COMMAND_TABLE: dict[str, CommandEntry] = {
     "eval": CommandEntry(
         "cli_train", "Validation loss and perplexity of the base model and of the current checkpoint."),
     "export": CommandEntry(
-        "cli_model", "Export the current (or a given) checkpoint: --merged DIR or --adapter DIR."),
+        "cli_model", "Export the current (or a given) checkpoint: --merged DIR, --adapter DIR or --gguf FILE."),
     "forget": CommandEntry(
         "cli_data", "Delete documents, their examples and every training step that saw them, without asking."),
     "generate": CommandEntry(

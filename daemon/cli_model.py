@@ -107,24 +107,33 @@ def _size(path: Path) -> int:
               help="Write a Hugging Face model directory with the adapters merged into the weights.")
 @click.option("--adapter", "adapter_dir", type=click.Path(path_type=Path), default=None,
               help="Write a PEFT LoRA adapter directory (lora checkpoints only).")
+@click.option("--gguf", "gguf_file", type=click.Path(path_type=Path), default=None,
+              help="Write one GGUF file (llama.cpp, ollama) with the adapters merged into the weights.")
+@click.option("--type", "gguf_type", type=click.Choice(["f16", "q8_0"]), default=None,
+              help="Tensor type of the --gguf weights (default f16; q8_0 is about half the size).")
 @click.option("--checkpoint", "checkpoint_id", type=int, default=None,
               help="Export this checkpoint instead of the current one.")
-@click.option("--force", is_flag=True, help="Replace a previous pocketd export in that directory.")
+@click.option("--force", is_flag=True, help="Replace a previous pocketd export (directory or GGUF file).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written, where and its size as JSON.")
 @pass_app
-def export(app: AppContext, merged_dir: Path | None, adapter_dir: Path | None, checkpoint_id: int | None,
-           force: bool, as_json: bool) -> None:
-    """Export the current (or a given) checkpoint: --merged DIR or --adapter DIR."""
+def export(app: AppContext, merged_dir: Path | None, adapter_dir: Path | None, gguf_file: Path | None,
+           gguf_type: str | None, checkpoint_id: int | None, force: bool, as_json: bool) -> None:
+    """Export the current (or a given) checkpoint: --merged DIR, --adapter DIR or --gguf FILE."""
     from pocketd.trainer.errors import ExportError
     from pocketd.trainer.export import export_adapter, export_merged
     from pocketd.trainer.lora import lora_modules
     from pocketd.trainer.registry import method_of
 
-    if (merged_dir is None) == (adapter_dir is None):
-        raise click.UsageError("give exactly one of --merged DIR and --adapter DIR")
+    if sum(x is not None for x in (merged_dir, adapter_dir, gguf_file)) != 1:
+        raise click.UsageError("give exactly one of --merged DIR, --adapter DIR and --gguf FILE")
+    if gguf_type is not None and gguf_file is None:
+        raise click.UsageError("--type goes with --gguf FILE")
     refusal = _export_refusal(app, checkpoint_id)
     if refusal is not None:
         raise ExportError(refusal)
+    if gguf_file is not None:
+        _export_gguf(app, gguf_file, gguf_type or "f16", checkpoint_id, force, as_json)
+        return
     base, ck = _load(app, checkpoint_id, base_only=False)
     info = {"checkpoint": ck.id if ck else None, "steps": ck.n_steps if ck else 0,
             "base_fingerprint": base.fingerprint, "base": base.source}
@@ -148,6 +157,40 @@ def export(app: AppContext, merged_dir: Path | None, adapter_dir: Path | None, c
                                "base_fingerprint": base.fingerprint}, ensure_ascii=False))
     else:
         click.echo(text)
+
+
+def _export_gguf(app: AppContext, out_file: Path, type_name: str, checkpoint_id: int | None, force: bool,
+                 as_json: bool) -> None:
+    """`export --gguf FILE`: the target checked before the model loads, progress on stderr."""
+    from pocketd.trainer.gguf_export import GgufType, check_target, export_gguf
+
+    out_file = out_file.expanduser()
+    check_target(out_file, force)
+    base, ck = _load(app, checkpoint_id, base_only=False)
+    qtype = GgufType(type_name)
+    click.echo(f"[{_describe(ck)}: writing {qtype.value} GGUF to {out_file}]", err=True)
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="tensors", file=sys.stderr)
+        bar.update(1)
+
+    try:
+        report = export_gguf(base.model, base.tokenizer, base.path, out_file, qtype, force=force, progress=progress)
+    finally:
+        if bar is not None:
+            bar.render_finish()
+    if as_json:
+        click.echo(json.dumps({"kind": "gguf", "path": str(report.path), "bytes": report.bytes,
+                               "type": report.qtype.value, "tensors": report.tensors,
+                               "block_count": report.block_count, "f16_fallbacks": list(report.f16_fallbacks),
+                               "checkpoint": _checkpoint_dict(ck), "base": str(base.path),
+                               "base_fingerprint": base.fingerprint}, ensure_ascii=False))
+    else:
+        click.echo(f"{_describe(ck)}: {report.qtype.value} GGUF ({report.tensors} tensors, {report.block_count} "
+                   f"blocks, {report.bytes / 2**20:.1f} MiB) written to {report.path}")
 
 
 def _export_refusal(app: AppContext, checkpoint_id: int | None) -> str | None:

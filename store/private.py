@@ -153,6 +153,13 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = FILE_MODE, durabl
         fsync_dir(path.parent)
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """The last half of an atomic write, for a file streamed into `tmp` (same directory, already fsynced):
+    `os.replace` it onto `path` and fsync the directory."""
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory (making renames in it durable); a filesystem that cannot is logged, not fatal."""
     try:

@@ -9,6 +9,23 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One torch (OpenMP) thread in this process and every process a test starts (before torch is imported):
+# the suite runs on two xdist workers beside daemons and trainers, and OpenMP threads that spin for a
+# core another process holds make the tiny model's forwards 5-10x slower (tests/test_prefix.py: 74 s
+# with the default two threads on a busy 2-core machine, 8 s with one). A test or config that sets
+# trainer.threads still gets its own count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown (and never called) without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadgroup` (`make test`): one test per unit of work, except that a module defining a
+    module-scoped fixture is one unit (tests/xdist_scheduling.py). Other --dist modes: xdist's own."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from tests.xdist_scheduling import make_scheduler
+
+    return make_scheduler(config, log)
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,11 @@ in the test's private home, with the tiny model built once for all of them ($BEN
 test asserts exit status 0 and that the script printed its table. A failure shows the command, its
 exit status, its wall time and the tails of its stdout and stderr.
 
-The selected scripts start together on first use, at most $BENCH_SMOKE_JOBS at a time (default 2:
-most of a smoke run is one core importing torch or waiting on a daemon), longest first; each test
-then waits for its own script. BENCH_SMOKE_JOBS=1 runs them one after the other.
+In one pytest process the selected scripts start together on first use, at most $BENCH_SMOKE_JOBS at
+a time (default 2: most of a smoke run is one core importing torch or waiting on a daemon), longest
+first; each test then waits for its own script. BENCH_SMOKE_JOBS=1 runs them one after the other.
+Under pytest-xdist (`make test`) the tests are spread over the workers like any other test, and each
+runs its own script when it starts (the workers already use the cores).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ EXPECTED: dict[str, list[str]] = {
     "trainer_bench.py": [r"^configuration\s+bs\s+k\s+s/op", r"^MeZO step lora \(snapshot\)\s+8",
                          r"^LoRA-AdamW step\s+8", r"^log and replay\s+value", r"replay exact \(final hash\)\s+yes",
                          r"^held-out perplexity", r"^lora-MeZO \(session\)", r"^target\s+measured"],
+    "gguf_llama.py": [r"^pocketd export\s+MiB\s+wall s\s+peak RSS MiB", r"^--gguf --type f16\s+[\d.]+\s+[\d.]+",
+                      r"^--gguf --type q8_0\s+[\d.]+", r"^--merged\s+[\d.]+",
+                      r"^export\s+MiB\s+llama.cpp ppl\s+transformers\(GGUF\) ppl\s+pocketd ppl",
+                      r"^f16\s+[\d.]+\s+\S+\s+[\d.]+\s+[\d.]+", r"^q8_0\s+[\d.]+\s+\S+\s+[\d.]+\s+[\d.]+",
+                      r"^prompt 1: .*pocketd's loop = generate\(\): True"],
     "zo_quality.py": [r"^method\s+steps\s+s/step", r"^adamw\s+\d+", r"^textbook\s+\d+", r"^pocketd\s+\d+",
                       r"^side\s+\d+", r"ZO step cost in full forwards", r"^\s+mlp\s+\d+ windows: epoch 1"],
     "socket_fuzz.py": [r"^requests sent: \d+", r"well-formed: \d+ \(100\.00%\)", r"^internal errors: 0",
@@ -124,24 +131,51 @@ def selected_scripts(session: pytest.Session) -> list[str]:
     return [s for s in EXPECTED if s in chosen and (BENCH / s).exists()]
 
 
-@pytest.fixture(scope="module")
+class SmokeRuns:
+    """The smoke runs of this pytest process, each in a private home: a script starts when `start`ed
+    (ahead of its test) or at the latest when its test asks for its result."""
+
+    def __init__(self, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, jobs: int) -> None:
+        self.base = {k: v for k, v in os.environ.items() if not k.startswith("POCKETD_") and k != "NOTIFY_SOCKET"}
+        self.base.update(BENCH_TINY_MODEL=str(tiny_model_dir), PYTHONUNBUFFERED="1", PY=sys.executable,
+                         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        self.tmp_path_factory = tmp_path_factory
+        self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="bench-smoke")
+        self.runs: dict[str, Future[Run]] = {}
+
+    def start(self, script: str) -> Future[Run]:
+        if script not in self.runs:
+            home = self.tmp_path_factory.mktemp(f"bench-{script.split('.')[0]}") / "home"
+            (home / "run").mkdir(parents=True, mode=0o700)
+            env = {**self.base, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+                   "XDG_DATA_HOME": str(home / ".local/share"), "XDG_CACHE_HOME": str(home / ".cache"),
+                   "XDG_STATE_HOME": str(home / ".local/state"), "XDG_RUNTIME_DIR": str(home / "run")}
+            self.runs[script] = self.pool.submit(run_smoke, argv_of(script), env)
+        return self.runs[script]
+
+    def result(self, script: str) -> Run:
+        return self.start(script).result()
+
+
+def under_xdist(config: pytest.Config) -> bool:
+    """This process is a pytest-xdist worker (it runs the tests the controller hands it, one by one)."""
+    return hasattr(config, "workerinput")
+
+
+# Session scope, not module: a module-scoped fixture would make this module one unit of work on one xdist
+# worker (tests/xdist_scheduling.py), and the smoke runs are the suite's longest tests.
+@pytest.fixture(scope="session")
 def smoke_runs(request: pytest.FixtureRequest, tiny_model_dir: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Run]]]:
-    """The selected smoke runs, started at once (at most JOBS at a time) in a private home each."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("POCKETD_") and k != "NOTIFY_SOCKET"}
-    base.update(BENCH_TINY_MODEL=str(tiny_model_dir), PYTHONUNBUFFERED="1", PY=sys.executable,
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    pool = ThreadPoolExecutor(max_workers=JOBS, thread_name_prefix="bench-smoke")
-    runs: dict[str, Future[Run]] = {}
-    for script in selected_scripts(request.session):
-        home = tmp_path_factory.mktemp(f"bench-{script.split('.')[0]}") / "home"
-        (home / "run").mkdir(parents=True, mode=0o700)
-        env = {**base, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
-               "XDG_DATA_HOME": str(home / ".local/share"), "XDG_CACHE_HOME": str(home / ".cache"),
-               "XDG_STATE_HOME": str(home / ".local/state"), "XDG_RUNTIME_DIR": str(home / "run")}
-        runs[script] = pool.submit(run_smoke, argv_of(script), env)
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmokeRuns]:
+    """In one pytest process the selected smoke runs start at once (at most JOBS at a time); in an xdist
+    worker each script starts when its test asks for it (the worker knows only the test it runs)."""
+    xdist = under_xdist(request.config)
+    runs = SmokeRuns(tiny_model_dir, tmp_path_factory, 1 if xdist else JOBS)
+    if not xdist:
+        for script in selected_scripts(request.session):
+            runs.start(script)
     yield runs
-    pool.shutdown(wait=True)
+    runs.pool.shutdown(wait=True)
 
 
 def check(script: str, run: Run) -> None:
@@ -152,12 +186,12 @@ def check(script: str, run: Run) -> None:
 
 
 @pytest.mark.parametrize("script", list(EXPECTED))
-def test_bench_smoke(script: str, smoke_runs: dict[str, Future[Run]]) -> None:
+def test_bench_smoke(script: str, smoke_runs: SmokeRuns) -> None:
     if not (BENCH / script).exists():
         pytest.skip(f"bench/{script} is not in this tree")
     if script == "runit_check.sh" and runit_missing():
         pytest.skip(f"runit is not installed here ({', '.join(runit_missing())} not found; apt-get install runit)")
-    check(script, smoke_runs[script].result())
+    check(script, smoke_runs.result(script))
 
 
 def test_every_bench_script_has_a_smoke_test() -> None:

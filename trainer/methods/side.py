@@ -28,7 +28,7 @@ from pocketd.store import Checkpoint, Status, Store
 from .. import sidefile
 from ..actcache import ActivationCache
 from ..backprop import loss_backward
-from ..config import Method, TrainerConfig, activation_cache_dir
+from ..config import Method, SidePart, TrainerConfig, activation_cache_dir
 from ..data import Item, collate
 from ..errors import CheckpointFileError, SpecError
 from ..forget import fall_back
@@ -207,12 +207,16 @@ class SideMethod:
     def working_bytes(self, cfg: TrainerConfig, shape: ModelShape) -> float:
         # Backprop through the trained top layers: each keeps its activations for the backward pass and
         # gets their gradients; plus the step's prefixes, the final hidden states and their gradient leaf.
-        # (Every part counts the top lora_layers layers, as before; conservative for part mlp.)
-        k = cfg.lora_layers or 0
+        # (Parts mlp and adapters count the top lora_layers layers, as before: conservative for mlp.)
+        # Part block: its k appended layers are new weights, each with gradients and AdamW's two moments.
+        k = cfg.side_blocks if cfg.side_part is SidePart.BLOCK else (cfg.lora_layers or 0)
         tokens = min(cfg.batch_size, cfg.micro_batch_size) * cfg.seq_len
         activations = (shape.layer_activation_bytes(cfg) * (1 + 2 * k) + cfg.batch_size * cfg.seq_len * shape.hidden * 4
                        + tokens * shape.hidden * 4 * 3)
         snapshot = shape.n_params * 0.02 * 4 * 4  # the trained tensors, their gradients and AdamW's two moments
+        if cfg.side_part is SidePart.BLOCK:
+            layer_params = 4 * shape.hidden * shape.hidden + 3 * shape.hidden * shape.inter  # an upper bound (GQA)
+            snapshot = k * layer_params * 4 * 4
         return float(activations + snapshot)
 
     def verified(self, ck: Checkpoint, chain_steps: int) -> str:
