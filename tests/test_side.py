@@ -7,10 +7,8 @@ import signal
 
 import pytest
 import torch
-from click.testing import CliRunner
 from pydantic import ValidationError
 
-from pocketd.daemon.cli import cli
 from pocketd.store import Status, Store
 from pocketd.trainer.actcache import ActivationCache
 from pocketd.trainer.backprop import loss_backward
@@ -24,7 +22,7 @@ from pocketd.trainer.prefix import Parts, batch_prefixes
 from pocketd.trainer.checkpoints import load_checkpoint
 from pocketd.trainer.side import SideSpec, attach_side
 
-from tests.trainer_helpers import NOTES, fill_store, make_job, run, start_trainer
+from tests.trainer_helpers import invoke_cli, side_cli_env, NOTES, fill_store, make_job, run, start_trainer
 
 PARTS = [{"side_part": "adapters", "lora_layers": 1}, {"side_part": "mlp"}, {"side_part": "block", "side_blocks": 2}]
 PART_IDS = ["adapters", "mlp", "block"]
@@ -251,20 +249,10 @@ def test_budget_estimate_counts_the_backward(tiny_model_dir):
 
 @pytest.fixture
 def env(tmp_path, tiny_model_dir, monkeypatch):
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        f'[trainer]\nmodel = "{tiny_model_dir}"\nmethod = "side"\nside_part = "adapters"\nlora_layers = 1\n'
-        f'side_lr = 1e-2\nbatch_size = 4\nseq_len = 32\nseed = 3\neval_examples = 16\n[paths]\n'
-        f'data_dir = "{tmp_path / "data"}"\ncache_dir = "{tmp_path / "cache"}"\n'
-    )
-    monkeypatch.setenv("POCKETD_CONFIG", str(cfg))
-    fill_store(tmp_path / "data" / "pocketd.sqlite3")
-    return tmp_path
+    return side_cli_env(tmp_path, tiny_model_dir, monkeypatch, 'side_part = "adapters"\nlora_layers = 1\n')
 
 
-def pocketd(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.output
+pocketd = invoke_cli
 
 
 def test_cli_train_verify_eval_generate_export_import(env):

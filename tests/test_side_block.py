@@ -16,7 +16,7 @@ from pocketd.trainer.errors import SpecError
 from pocketd.trainer.model import load_base
 from pocketd.trainer.side import SideSpec, attach_side
 
-from tests.trainer_helpers import fill_store
+from tests.trainer_helpers import invoke_cli, side_cli_env
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])  # [1, 7]
 
@@ -69,20 +69,10 @@ def test_an_architecture_without_llama_projections_is_refused_before_changing_it
 
 @pytest.fixture
 def env(tmp_path, tiny_model_dir, monkeypatch):
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        f'[trainer]\nmodel = "{tiny_model_dir}"\nmethod = "side"\nside_part = "block"\nside_blocks = 2\n'
-        f'side_lr = 1e-2\nbatch_size = 4\nseq_len = 32\nseed = 3\neval_examples = 16\n[paths]\n'
-        f'data_dir = "{tmp_path / "data"}"\ncache_dir = "{tmp_path / "cache"}"\n'
-    )
-    monkeypatch.setenv("POCKETD_CONFIG", str(cfg))
-    fill_store(tmp_path / "data" / "pocketd.sqlite3")
-    return tmp_path
+    return side_cli_env(tmp_path, tiny_model_dir, monkeypatch, 'side_part = "block"\nside_blocks = 2\n')
 
 
-def pocketd(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.output
+pocketd = invoke_cli
 
 
 def test_cli_block_trains_and_exports_a_standard_model_with_pocketds_logits(env, tiny_model_dir):

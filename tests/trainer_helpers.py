@@ -82,3 +82,27 @@ def start_trainer(job: TrainingJob, job_file: Path, until_step: int, timeout: fl
         time.sleep(0.05)
     proc.kill()
     pytest.fail("trainer did not start training: " + proc.stdout.read().decode())
+
+
+def side_cli_env(tmp: Path, model_dir: Path, monkeypatch: Any, part_lines: str) -> Path:
+    """A config (method side with `part_lines`, tiny model, small batches) in POCKETD_CONFIG and a filled
+    store under `tmp`; returns `tmp`."""
+    cfg = tmp / "config.toml"
+    cfg.write_text(
+        f'[trainer]\nmodel = "{model_dir}"\nmethod = "side"\n{part_lines}'
+        f'side_lr = 1e-2\nbatch_size = 4\nseq_len = 32\nseed = 3\neval_examples = 16\n[paths]\n'
+        f'data_dir = "{tmp / "data"}"\ncache_dir = "{tmp / "cache"}"\n'
+    )
+    monkeypatch.setenv("POCKETD_CONFIG", str(cfg))
+    fill_store(tmp / "data" / "pocketd.sqlite3")
+    return tmp
+
+
+def invoke_cli(*args: str) -> tuple[int, str]:
+    """`pocketd ARGS` in-process: (exit code, output)."""
+    from click.testing import CliRunner
+
+    from pocketd.daemon.cli import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output

@@ -218,8 +218,9 @@ class BlockPart:
 
         n = len(Parts.of(model).layers)
         blocks = expand(model, int(spec.blocks or 0))
-        probe = torch.arange(4).remainder(int(Parts.of(model).head.weight.shape[0])).unsqueeze(0)  # [1, 4]
-        p = run_prefix(Parts.of(model), probe, torch.ones_like(probe), n)
+        parts = Parts.of(model)  # with the new layers
+        probe = torch.arange(4).remainder(int(parts.head.weight.shape[0])).unsqueeze(0)  # [1, 4]
+        p = run_prefix(parts, probe, torch.ones_like(probe), n)
         check_identity(blocks[0], p.hidden, p.layer_kwargs)
         names, leaves = [], []
         for i, block in enumerate(blocks):

@@ -35,7 +35,10 @@ def identity_block(last: nn.Module, layer_idx: int) -> nn.Module:
     `layer_idx` (the KV-cache slot its attention uses)."""
     block = copy.deepcopy(last)
     for path in OUTPUT_PROJECTIONS:
-        proj = block.get_submodule(path) if _has(block, path) else None
+        try:
+            proj = block.get_submodule(path)
+        except AttributeError:
+            proj = None
         if not isinstance(proj, nn.Linear):
             raise SpecError(f"side part block: the base's decoder layers have no linear {path}; "
                             "block expansion supports Llama-style layers only")
@@ -86,11 +89,3 @@ def check_identity(block: nn.Module, hidden: torch.Tensor, layer_kwargs: dict) -
     if not torch.equal(out, hidden):
         raise SpecError("side part block: a copied layer with zeroed output projections is not the identity "
                         "for this architecture; block expansion supports Llama-style layers only")
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
